@@ -1,0 +1,82 @@
+"""build_app(args) -> serve.Application: the import path for `serve run`, `serve deploy` and KubeRay.
+
+`args` is either {"config": "<path to YAML>"} (what `serve run serve_app.app:build_app config=...` passes)
+or the whole config inline (the keys of AppConfig: pools, routes, gateway, gemini), which is what a
+KubeRay serveConfigV2 carries.
+
+Deployment layout: one `LLMServer-<pool>` deployment per pool (engine options in its init args, so an
+engine restarts only when its own config changes) and one `Gateway` ingress whose user_config holds the
+route table and Gemini settings (a change there reconfigures the gateway in place).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, cast
+
+from ray import serve
+from ray.serve import Application, Deployment
+
+from serve_app.config import AppConfig, ConfigError, PoolConfig, load_config, parse_config
+from serve_app.gateway import Gateway
+from serve_app.llm_server import LLMServer
+
+logger = logging.getLogger(__name__)
+
+
+def config_from_args(args: dict[str, Any]) -> AppConfig:
+    if "pools" in args:
+        return parse_config(dict(args), "application args")
+    path = args.get("config")
+    if not isinstance(path, str):
+        raise ConfigError("application args: config: give a config file path (config=FILE) or the config inline")
+    return load_config(path)
+
+
+def pool_deployment_options(name: str, pool: PoolConfig) -> dict[str, Any]:
+    d = pool.deployment
+    opts: dict[str, Any] = {
+        "name": f"LLMServer-{name}",
+        "max_ongoing_requests": d.max_ongoing_requests,
+        "max_queued_requests": d.max_queued_requests,
+        "ray_actor_options": {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus},
+        "health_check_period_s": d.health_check_period_s,
+        "graceful_shutdown_timeout_s": d.graceful_shutdown_timeout_s,
+    }
+    if d.autoscaling is not None:
+        from serve_app.autoscaling import ray_autoscaling_config
+
+        opts["autoscaling_config"] = ray_autoscaling_config(d.autoscaling)
+    else:
+        opts["num_replicas"] = d.num_replicas or 1
+    return opts
+
+
+def gateway_user_config(cfg: AppConfig) -> dict[str, Any]:
+    """The live-reloadable part: routes and Gemini settings."""
+    return {
+        "routes": {alias: r.model_dump(mode="json") for alias, r in cfg.effective_routes().items()},
+        "gemini": cfg.gemini.model_dump(mode="json") if cfg.gemini else None,
+    }
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    cfg = config_from_args(args)
+    pools: dict[str, Any] = {}
+    served: dict[str, str] = {}
+    for name, pool in cfg.pools.items():
+        deployment = cast(Deployment, serve.deployment(LLMServer)).options(**pool_deployment_options(name, pool))
+        pools[name] = deployment.bind(name, pool.model_dump(mode="json"))
+        served[name] = pool.served_model_name or name
+    gw = cfg.gateway
+    return (
+        cast(Deployment, Gateway)
+        .options(
+            name="Gateway",
+            num_replicas=gw.num_replicas,
+            max_ongoing_requests=gw.max_ongoing_requests,
+            ray_actor_options={"num_cpus": gw.num_cpus},
+            user_config=gateway_user_config(cfg),
+        )
+        .bind(pools, served, gw.model_dump(mode="json"))
+    )

@@ -1,0 +1,110 @@
+"""The gateway's view of its self-hosted pools: load from the LoadBoard, saturation, breaker, in-flight.
+
+The loop that refreshes it lives in the gateway; this class only turns snapshots into state, so it can be
+tested without Ray.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from serve_app.config import BreakerConfig, RouteConfig, SaturationThresholds
+from serve_app.routing import (
+    BreakerState,
+    CircuitBreaker,
+    PoolView,
+    ReplicaLoad,
+    SaturationState,
+    saturation_score,
+)
+
+Snapshot = dict[str, dict[str, tuple[float, dict[str, Any]]]]
+
+
+@dataclass
+class PoolState:
+    thresholds: SaturationThresholds
+    breaker: CircuitBreaker
+    view: PoolView = field(default_factory=lambda: PoolView(()))
+    saturation: SaturationState = field(default_factory=SaturationState)
+    inflight: int = 0
+    refreshed_at: float = 0.0
+
+
+class PoolMonitor:
+    """Per-pool saturation (with hysteresis) and circuit breakers, fed by load snapshots and outcomes."""
+
+    def __init__(self) -> None:
+        self.pools: dict[str, PoolState] = {}
+
+    def configure(self, routes: dict[str, RouteConfig]) -> None:
+        """Apply a (new) route table. A pool used by several routes takes the first route's thresholds."""
+        wanted: dict[str, tuple[SaturationThresholds, BreakerConfig]] = {}
+        for route in routes.values():
+            if route.pool is not None and route.pool not in wanted:
+                wanted[route.pool] = (route.saturation, route.breaker)
+        for name, (th, br) in wanted.items():
+            state = self.pools.get(name)
+            if state is None:
+                self.pools[name] = PoolState(th, CircuitBreaker(br))
+            else:
+                state.thresholds = th
+                state.breaker.cfg = br
+
+    def update(self, snapshot: Snapshot, now_wall: float | None = None) -> None:
+        """Take a LoadBoard snapshot (wall-clock timestamps) and recompute saturation."""
+        now_wall = time.time() if now_wall is None else now_wall
+        for name, state in self.pools.items():
+            replicas = tuple(
+                ReplicaLoad(
+                    waiting=float(load.get("waiting", 0.0)),
+                    running=float(load.get("running", 0.0)),
+                    kv_cache_usage=float(load.get("kv_cache_usage", 0.0)),
+                    tokens_per_s=float(load.get("tokens_per_s", 0.0)),
+                    age_s=max(0.0, now_wall - ts),
+                )
+                for ts, load in snapshot.get(name, {}).values()
+            )
+            state.view = PoolView(replicas, state.inflight)
+            state.saturation.update(saturation_score(state.view, state.thresholds), state.thresholds)
+            state.refreshed_at = now_wall
+
+    def saturated(self, pool: str) -> bool:
+        """Saturated by the last snapshot, or by this gateway's own in-flight count since then."""
+        state = self.pools[pool]
+        if state.saturation.saturated:
+            return True
+        th = state.thresholds
+        if th.max_inflight_per_replica is None:
+            return False
+        n = max(1, len(state.view.replicas))
+        return state.inflight / n / th.max_inflight_per_replica >= th.enter
+
+    def breaker(self, pool: str) -> CircuitBreaker:
+        return self.pools[pool].breaker
+
+    def describe(self, now: float | None = None) -> dict[str, dict[str, Any]]:
+        """The /admin/pools view."""
+        now = time.monotonic() if now is None else now
+        out: dict[str, dict[str, Any]] = {}
+        for name, s in self.pools.items():
+            ages = [r.age_s for r in s.view.replicas]
+            out[name] = {
+                "replicas": len(s.view.replicas),
+                "waiting": s.view.waiting,
+                "running": s.view.running,
+                "kv_cache_usage": s.view.kv_cache_usage,
+                "tokens_per_s": s.view.tokens_per_s,
+                "inflight": s.inflight,
+                "saturation_score": None if math.isinf(s.saturation.score) else s.saturation.score,
+                "saturated": self.saturated(name),
+                "breaker": s.breaker.current(now).name.lower(),
+                "max_load_age_s": max(ages) if ages else None,
+            }
+        return out
+
+    def breaker_states(self, now: float) -> dict[str, BreakerState]:
+        return {name: s.breaker.current(now) for name, s in self.pools.items()}
