@@ -55,8 +55,29 @@ def pool_deployment_options(name: str, pool: PoolConfig) -> dict[str, Any]:
 def gateway_user_config(cfg: AppConfig) -> dict[str, Any]:
     """The live-reloadable part: routes and Gemini settings."""
     return {
-        "routes": {alias: r.model_dump(mode="json") for alias, r in cfg.effective_routes().items()},
-        "gemini": cfg.gemini.model_dump(mode="json") if cfg.gemini else None,
+        "routes": {alias: r.model_dump(mode="json", exclude_defaults=True) for alias, r in cfg.effective_routes().items()},
+        "gemini": cfg.gemini.model_dump(mode="json", exclude_defaults=True) if cfg.gemini else None,
+    }
+
+
+def serve_config(cfg: AppConfig, name: str = "serve_app", route_prefix: str = "/") -> dict[str, Any]:
+    """A Serve config (for `serve deploy`, `serve run` or KubeRay serveConfigV2) that uses build_app.
+
+    Engines and gateway options go into `args`; the route table and Gemini settings go into the Gateway's
+    `user_config` override. Serve hashes `args` into the application's code version, so a change there
+    restarts every replica; a `user_config` change only calls Gateway.reconfigure (engines keep running).
+    """
+    args = cfg.model_dump(mode="json", exclude={"routes", "gemini"}, exclude_defaults=True)
+    return {
+        "applications": [
+            {
+                "name": name,
+                "route_prefix": route_prefix,
+                "import_path": "serve_app.app:build_app",
+                "args": args,
+                "deployments": [{"name": "Gateway", "user_config": gateway_user_config(cfg)}],
+            }
+        ]
     }
 
 

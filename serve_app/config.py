@@ -251,6 +251,20 @@ class AppConfig(_Strict):
         return {name: RouteConfig(policy="self_hosted_only", pool=name) for name in self.pools}
 
 
+class LiveConfig(_Strict):
+    """The part of the config the gateway applies live (its Serve user_config): routes and Gemini."""
+
+    routes: dict[str, RouteConfig] = Field(default_factory=dict, description="Client-facing aliases.")
+    gemini: GeminiConfig | None = Field(None, description="Hosted overflow settings.")
+
+    @model_validator(mode="after")
+    def _gemini_present(self) -> LiveConfig:
+        for alias, route in self.routes.items():
+            if route.gemini_model and self.gemini is None:
+                raise ValueError(f"routes.{alias}: uses Gemini but the `gemini` section is missing")
+        return self
+
+
 def _format_errors(source: str, err: ValidationError) -> str:
     lines = []
     for e in err.errors():
@@ -266,6 +280,15 @@ def parse_config(data: Any, source: str = "<config>") -> AppConfig:
         raise ConfigError(f"{source}: <root>: expected a mapping, got {type(data).__name__}")
     try:
         return AppConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(source, err)) from None
+
+
+def parse_live_config(data: Any, source: str = "Gateway user_config") -> LiveConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: <root>: expected a mapping, got {type(data).__name__}")
+    try:
+        return LiveConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_errors(source, err)) from None
 

@@ -21,7 +21,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
-from serve_app.config import GatewayConfig, GeminiConfig, RouteConfig
+from serve_app.config import ConfigError, GatewayConfig, GeminiConfig, RouteConfig, parse_live_config
 from serve_app.dispatch import Dispatcher, RequestRecord, outcome_for_status
 from serve_app.errors import APIError, BadRequest, NotFound, PayloadTooLarge, Unauthorized, error_body
 from serve_app.loadboard import get_board
@@ -150,12 +150,12 @@ class Gateway:
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply the live part of the config: the route table and the Gemini settings."""
-        routes = {alias: RouteConfig.model_validate(r) for alias, r in (user_config.get("routes") or {}).items()}
+        live = parse_live_config(user_config)
+        routes = dict(live.routes)
         unknown = sorted({r.pool for r in routes.values() if r.pool and r.pool not in self._handles})
         if unknown:
-            raise ValueError(f"routes name pools this application does not have: {unknown}")
-        raw_gemini = user_config.get("gemini")
-        gemini = GeminiConfig.model_validate(raw_gemini) if raw_gemini else None
+            raise ConfigError(f"Gateway user_config: routes: pools this application does not have: {unknown}")
+        gemini = live.gemini
         if gemini != self._gemini_cfg:
             await self._set_hosted(gemini)
         self._routes = routes or {p: RouteConfig(pool=p) for p in self._handles}

@@ -10,6 +10,9 @@ import pytest
 
 from tests.support import free_port
 
+TEST_KEYS_ENV = "SERVE_APP_TEST_API_KEYS"
+TEST_KEYS = ("sk-test-alpha-123", "sk-test-beta-456")
+
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[dict[str, Any]]:
@@ -17,7 +20,8 @@ def ray_cluster() -> Iterator[dict[str, Any]]:
     from ray import serve
 
     metrics_port = free_port()
-    os.environ.setdefault("RAY_SERVE_HTTP_KEEP_ALIVE_TIMEOUT_S", "5")
+    # Replica processes inherit the driver's environment: client API keys for the auth tests.
+    os.environ[TEST_KEYS_ENV] = ",".join(TEST_KEYS)
     ray.init(
         num_cpus=8,
         include_dashboard=False,
@@ -41,4 +45,19 @@ def deploy(cluster: dict[str, Any], name: str, config: dict[str, Any]) -> str:
     from serve_app.app import build_app
 
     serve.run(build_app(config), name=name, route_prefix=f"/{name}")
+    return f"{cluster['base']}/{name}/v1"
+
+
+def deploy_declarative(cluster: dict[str, Any], name: str, config: dict[str, Any]) -> str:
+    """Deploy the way `serve deploy` and KubeRay do (a Serve config through the controller)."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve_app.app import serve_config
+    from serve_app.config import parse_config
+
+    doc = serve_config(parse_config(config, "test config"), name, f"/{name}")
+    client = _get_global_client()
+    client.deploy_apps(ServeDeploySchema.model_validate(doc))
+    client._wait_for_application_running(name, timeout_s=120)
     return f"{cluster['base']}/{name}/v1"

