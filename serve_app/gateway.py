@@ -146,6 +146,7 @@ class Gateway:
             self._board: Any = get_board(serve.get_replica_context().app_name)
         except Exception:
             self._board = None
+        await self._refresh()
         self._refresher = asyncio.create_task(self._refresh_loop())
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -179,15 +180,18 @@ class Gateway:
         handle = self._handles[pool].options(stream=True, method_name="chat" if kind == "chat" else "completion")
         return handle.remote(body, alias, request_id)
 
+    async def _refresh(self) -> None:
+        try:
+            if self._board is not None:
+                self._monitor.update(await self._board.snapshot.remote())
+            self._export_pool_gauges()
+        except Exception:
+            logger.warning("pool load refresh failed", exc_info=True)
+
     async def _refresh_loop(self) -> None:
         while True:
-            try:
-                if self._board is not None:
-                    self._monitor.update(await self._board.snapshot.remote())
-                self._export_pool_gauges()
-            except Exception:
-                logger.warning("pool load refresh failed", exc_info=True)
             await asyncio.sleep(self._cfg.load_refresh_s)
+            await self._refresh()
 
     def _export_pool_gauges(self) -> None:
         for name, d in self._monitor.describe().items():

