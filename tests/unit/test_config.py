@@ -84,7 +84,7 @@ def test_expand_path(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_live_config_requires_gemini_for_hosted_routes() -> None:
-    with pytest.raises(ConfigError, match="Gateway user_config: routes.x"):
+    with pytest.raises(ConfigError, match=r"Gateway user_config: routes\.x"):
         parse_live_config({"routes": {"x": {"policy": "hosted_only", "gemini_model": "g"}}})
     live = parse_live_config({"routes": {"x": {"pool": "a"}}, "gemini": None})
     assert live.routes["x"].policy == "self_hosted_only"
