@@ -18,6 +18,7 @@ from typing import Any
 
 from ray import serve
 
+from serve_app import autoscaling
 from serve_app.config import PoolConfig
 from serve_app.engines import create_engine
 from serve_app.loadboard import get_board
@@ -54,15 +55,15 @@ class LoadTracker:
 
 
 def load_stats(waiting: int, running: int, kv: float, rate: float, peak: float) -> dict[str, float]:
-    """The stats every replica reports (keys shared with serve_app.autoscaling)."""
+    """The stats every replica reports (key names owned by serve_app.autoscaling)."""
     demand = rate * (running + waiting) / max(running, 1) if rate > 0 else 0.0
     return {
-        "waiting": float(waiting),
-        "running": float(running),
-        "kv_cache_usage": float(kv),
-        "tokens_per_s": rate,
-        "demand_tokens_per_s": demand,
-        "capacity_tokens_per_s": peak,
+        autoscaling.WAITING: float(waiting),
+        autoscaling.RUNNING: float(running),
+        autoscaling.KV_CACHE_USAGE: float(kv),
+        autoscaling.TOKENS_PER_S: rate,
+        autoscaling.DEMAND_TOKENS_PER_S: demand,
+        autoscaling.CAPACITY_TOKENS_PER_S: peak,
     }
 
 

@@ -1,0 +1,301 @@
+"""Replica autoscaling for LLMServer pools: a pure decision function and a thin Ray Serve policy around it.
+
+Signals. Every LLMServer replica's `record_autoscaling_stats()` returns the keys named below (WAITING ...
+CAPACITY_TOKENS_PER_S). Ray records them on the replica every min(0.2 x look_back, metrics_interval_s)
+seconds with the replica's `time.time()`, pushes the series (pruned to `look_back_period_s`) to the
+controller every `metrics_interval_s`, and hands them to the policy as `ctx.raw_metrics[key][replica_id]`
+(lists of TimeStampedValue). We read the raw series rather than `ctx.aggregated_metrics` because we need
+the timestamps: the newest sample's age is how we tell a silent replica from an idle one.
+
+Arithmetic (`desired_replicas`):
+  queue_depth        ceil(sum(waiting + running) / target_ongoing_per_replica)
+  tokens_per_second  ceil(sum(demand_tokens_per_s) / (capacity_per_replica x target_utilization)), capacity
+                     = the configured value, else learned (see below), else queue_depth arithmetic.
+The result is clamped to [min_replicas, max_replicas].
+
+Learned capacity is the highest `capacity_tokens_per_s` reported by a replica *that had a waiting queue*
+at the time, kept in the policy state. Only a saturated replica's throughput is its ceiling; learning
+from an unsaturated one would under-estimate capacity and scale up a pool that is merely busy.
+
+Missing data fails safe. A running replica that has not reported yet, or whose newest sample is older
+than `stale_after_s`, contributes no load, and while any replica is in that state no scale-down is
+decided (the load we cannot see might be what keeps the pool busy). Scale-up stays allowed: the visible
+load is a lower bound. No usable metrics at all means hold (still clamped to the bounds).
+
+Delays live here, not in Ray. Since 2.54 Serve wraps every custom policy in its own delay logic
+(ray/serve/autoscaling_policy.py `_apply_autoscaling_config` -> `_apply_delay_logic`, applied in
+`DeploymentAutoscalingState.register` in 2.60). We give Ray `upscale_delay_s = downscale_delay_s = 0`,
+which that code passes straight through (`now - t0 + eps >= 0`), and apply our own delays in the pure
+function, so they are table-tested, they interact correctly with the missing-metrics hold, and a Ray
+release that stops wrapping policies changes nothing. Ray still applies min/max (capacity adjusted),
+scaling factors of 1.0 (identity) and its cold-start path: with 0 replicas and requests queued at a
+handle, Ray scales to 1 without calling the policy (that is how scale-from-zero works).
+
+Staleness compares the replica's sample timestamps with the controller's clock (`ctx.current_time`),
+so nodes need roughly synchronised clocks (NTP); `stale_after_s` of several seconds absorbs the rest.
+The policy state is in-memory controller state: a redeploy of the pool starts learning again.
+
+This module imports nothing from serve_app at run time: Ray cloudpickles it by value into the controller.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from serve_app.config import AutoscalingConfig
+
+logger = logging.getLogger(__name__)
+
+# Keys of LLMServer.record_autoscaling_stats() (all floats).
+WAITING = "waiting"  # requests in the engine scheduler's waiting queue
+RUNNING = "running"  # sequences the engine is decoding
+KV_CACHE_USAGE = "kv_cache_usage"  # 0..1
+TOKENS_PER_S = "tokens_per_s"  # generated tokens/s over the last few seconds
+DEMAND_TOKENS_PER_S = "demand_tokens_per_s"  # tokens/s the replica would generate with room for all
+CAPACITY_TOKENS_PER_S = "capacity_tokens_per_s"  # highest tokens/s seen over a window; 0 until known
+STAT_KEYS = (WAITING, RUNNING, KV_CACHE_USAGE, TOKENS_PER_S, DEMAND_TOKENS_PER_S, CAPACITY_TOKENS_PER_S)
+
+POLICY_PATH = "serve_app.autoscaling:LoadPolicy"
+STATE_KEY = "serve_app"  # our entry in Ray's policy_state (Ray keeps its own keys beside it)
+# Ray's look-back window, in metrics intervals: short so decisions follow load within seconds (the
+# delays do the damping), long enough to hold a few samples to average.
+LOOK_BACK_INTERVALS = 3.0
+_CEIL_EPS = 1e-6  # 16.000000001 sequences / 8 per replica is 2 replicas, not 3
+
+
+class PolicySettings(Protocol):
+    """What the decision reads; serve_app.config.AutoscalingConfig and PolicyParams both fit."""
+
+    @property
+    def policy(self) -> str: ...
+    @property
+    def min_replicas(self) -> int: ...
+    @property
+    def max_replicas(self) -> int: ...
+    @property
+    def target_ongoing_per_replica(self) -> float: ...
+    @property
+    def target_tokens_per_second_per_replica(self) -> float | None: ...
+    @property
+    def target_utilization(self) -> float: ...
+    @property
+    def upscale_delay_s(self) -> float: ...
+    @property
+    def downscale_delay_s(self) -> float: ...
+    @property
+    def stale_after_s(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class PolicyParams:
+    """A self-contained copy of the AutoscalingConfig fields the decision needs (built in the controller)."""
+
+    policy: str = "queue_depth"
+    min_replicas: int = 1
+    max_replicas: int = 4
+    target_ongoing_per_replica: float = 8.0
+    target_tokens_per_second_per_replica: float | None = None
+    target_utilization: float = 0.8
+    upscale_delay_s: float = 10.0
+    downscale_delay_s: float = 300.0
+    stale_after_s: float = 10.0
+
+    @classmethod
+    def from_kwargs(cls, kwargs: Mapping[str, Any]) -> PolicyParams:
+        """From `AutoscalingConfig.model_dump()`; fields the decision does not use are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in kwargs.items() if k in names})
+
+
+@dataclass(frozen=True)
+class ReplicaLoad:
+    """One replica's recent load; `timestamp` is when its oldest-updated stat was last sampled."""
+
+    timestamp: float
+    waiting: float = 0.0
+    running: float = 0.0
+    kv_cache_usage: float = 0.0
+    tokens_per_s: float = 0.0
+    demand_tokens_per_s: float = 0.0
+    capacity_tokens_per_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class PolicyState:
+    """What the decision remembers between ticks."""
+
+    up_since: float | None = None  # when the current wish to scale up started
+    down_since: float | None = None  # when the current wish to scale down started
+    learned_capacity_tokens_per_s: float = 0.0  # per replica, from saturated replicas only
+    reason: str = ""  # why the last decision came out as it did (for logs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> PolicyState:
+        if not isinstance(data, Mapping):
+            return cls()
+        names = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in names})
+        except TypeError:
+            return cls()
+
+
+def _ceil(x: float) -> int:
+    return max(0, math.ceil(x - _CEIL_EPS))
+
+
+def _clamp(n: int, cfg: PolicySettings) -> int:
+    return max(cfg.min_replicas, min(cfg.max_replicas, n))
+
+
+def _load_desire(cfg: PolicySettings, fresh: Sequence[ReplicaLoad], learned: float) -> tuple[int, str]:
+    """Replicas the visible load asks for (unclamped) and a short explanation."""
+    ongoing = sum(o.waiting + o.running for o in fresh)
+    queue_based = _ceil(ongoing / cfg.target_ongoing_per_replica)
+    queue_reason = f"ongoing {ongoing:.1f} / target {cfg.target_ongoing_per_replica:g} per replica"
+    if cfg.policy != "tokens_per_second":
+        return queue_based, queue_reason
+    capacity = cfg.target_tokens_per_second_per_replica or learned
+    if capacity <= 0:
+        return queue_based, f"capacity not learned yet; {queue_reason}"
+    demand = sum(o.demand_tokens_per_s for o in fresh)
+    source = "configured" if cfg.target_tokens_per_second_per_replica else "learned"
+    wanted = _ceil(demand / (capacity * cfg.target_utilization))
+    return wanted, (f"demand {demand:.1f} tok/s / ({source} capacity {capacity:.1f} x {cfg.target_utilization:g})")
+
+
+def desired_replicas(
+    cfg: PolicySettings,
+    observations: Mapping[str, ReplicaLoad | None],
+    current_replicas: int,
+    state: PolicyState,
+    now: float,
+) -> tuple[int, PolicyState]:
+    """Decide the replica target.
+
+    `observations` has one entry per running replica (None: it has not reported). `current_replicas` is
+    the present target. Returns the new target and the state to pass in on the next call.
+    """
+    fresh = [o for o in observations.values() if o is not None and now - o.timestamp <= cfg.stale_after_s]
+    blind = len(observations) - len(fresh)  # running replicas we cannot see
+    learned = max(
+        [state.learned_capacity_tokens_per_s]
+        + [o.capacity_tokens_per_s for o in fresh if o.waiting > 0 and math.isfinite(o.capacity_tokens_per_s)]
+    )
+    base = _clamp(current_replicas, cfg)  # bounds are hard limits, never delayed
+    if not fresh:
+        why = "no metrics" if not observations else f"no fresh metrics from {blind} replica(s)"
+        return base, PolicyState(None, None, learned, f"hold: {why}")
+
+    wanted, why = _load_desire(cfg, fresh, learned)
+    target = _clamp(wanted, cfg)
+    if target > base:
+        up_since = state.up_since if state.up_since is not None else now
+        if now - up_since >= cfg.upscale_delay_s:
+            return target, PolicyState(None, None, learned, f"up {base}->{target}: {why}")
+        return base, PolicyState(up_since, None, learned, f"up to {target} pending: {why}")
+    if target < base:
+        if blind:
+            return base, PolicyState(None, None, learned, f"hold: {blind} replica(s) without fresh metrics")
+        down_since = state.down_since if state.down_since is not None else now
+        if now - down_since >= cfg.downscale_delay_s:
+            if target == 0 and base > 1:
+                # Ray only goes to zero from one replica; keep the timer so 1 -> 0 follows on the next
+                # tick instead of waiting a second full delay.
+                return 1, PolicyState(None, down_since, learned, f"down {base}->1 (then 0): {why}")
+            return target, PolicyState(None, None, learned, f"down {base}->{target}: {why}")
+        return base, PolicyState(None, down_since, learned, f"down to {target} pending: {why}")
+    return base, PolicyState(None, None, learned, f"steady: {why}")
+
+
+# ------------------------------------------------------------------------------------------ Ray side
+def _series_stats(series: Any, peak: bool) -> tuple[float, float] | None:
+    """(newest timestamp, mean or max value) of a Ray TimeSeries; None when it is empty."""
+    if not series:
+        return None
+    values = [float(p.value) for p in series]
+    newest = max(float(p.timestamp) for p in series)
+    return newest, (max(values) if peak else sum(values) / len(values))
+
+
+def observations_from_raw(
+    raw: Mapping[str, Mapping[Any, Any]] | None, replicas: Sequence[Any]
+) -> dict[str, ReplicaLoad | None]:
+    """Per running replica, its ReplicaLoad from Ray's raw metric series (None if any stat is absent)."""
+    out: dict[str, ReplicaLoad | None] = {}
+    raw = raw or {}
+    for rid in replicas:
+        values: dict[str, float] = {}
+        oldest = math.inf
+        for key in STAT_KEYS:
+            got = _series_stats(raw.get(key, {}).get(rid), peak=key == CAPACITY_TOKENS_PER_S)
+            if got is None:
+                break
+            oldest = min(oldest, got[0])
+            values[key] = got[1]
+        name = str(getattr(rid, "unique_id", rid))
+        out[name] = ReplicaLoad(timestamp=oldest, **values) if len(values) == len(STAT_KEYS) else None
+    return out
+
+
+class LoadPolicy:
+    """The Ray Serve custom policy (`policy_function: serve_app.autoscaling:LoadPolicy`).
+
+    Ray instantiates the class once with `policy_kwargs` (the pool's AutoscalingConfig as JSON) and calls
+    it with an AutoscalingContext every control-loop tick (0.1 s), so the call only reshapes data.
+    """
+
+    def __init__(self, **policy_kwargs: Any) -> None:
+        self._params = PolicyParams.from_kwargs(policy_kwargs)
+        # Ray may clamp our decision (target_capacity), so the same "change" can repeat every tick.
+        self._last_logged: tuple[int, int] | None = None
+
+    def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
+        now = ctx.current_time if ctx.current_time is not None else time.time()
+        observations = observations_from_raw(ctx.raw_metrics, ctx.running_replicas)
+        previous = ctx.policy_state.get(STATE_KEY)
+        decision, state = desired_replicas(
+            self._params, observations, ctx.target_num_replicas, PolicyState.from_dict(previous), now
+        )
+        change = (ctx.target_num_replicas, decision)
+        if decision != ctx.target_num_replicas and change != self._last_logged:
+            self._last_logged = change
+            logger.info(
+                "autoscaling %s: %d -> %d replicas (%s)",
+                ctx.deployment_name,
+                ctx.target_num_replicas,
+                decision,
+                state.reason,
+            )
+        return decision, {STATE_KEY: state.to_dict()}
+
+
+def look_back_period_s(cfg: AutoscalingConfig) -> float:
+    return LOOK_BACK_INTERVALS * cfg.metrics_interval_s
+
+
+def ray_autoscaling_config(cfg: AutoscalingConfig) -> dict[str, Any]:
+    """The `autoscaling_config` dict for `@serve.deployment` / `.options()` of one LLMServer pool."""
+    out: dict[str, Any] = {
+        "min_replicas": cfg.min_replicas,
+        "max_replicas": cfg.max_replicas,
+        "metrics_interval_s": cfg.metrics_interval_s,
+        "look_back_period_s": look_back_period_s(cfg),
+        # Our policy applies the delays itself (see the module docstring); Ray's must not add to them.
+        "upscale_delay_s": 0.0,
+        "downscale_delay_s": 0.0,
+        "downscale_to_zero_delay_s": 0.0,
+        "policy": {"policy_function": POLICY_PATH, "policy_kwargs": cfg.model_dump(mode="json")},
+    }
+    if cfg.initial_replicas is not None:
+        out["initial_replicas"] = cfg.initial_replicas
+    return out
