@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PIP_EXTRA ?=
 export SERVE_APP_CACHE ?= $(HOME)/.cache/serve_app
 
-.PHONY: help install model run test test-unit test-integration lint observe demo-spill bench clean
+.PHONY: help install model run test test-unit test-integration lint observe prometheus demo-spill bench clean
 
 help:
 	@echo "make run      serve SmolLM2 on CPU with the real vLLM engine at http://127.0.0.1:8000"
@@ -50,8 +50,28 @@ test-unit: install
 test-integration: install model
 	$(BIN)/pytest tests/integration -q
 
-test: install model lint
+test: install model prometheus lint
 	$(BIN)/pytest tests -q -p no:cacheprovider --durations=15
+
+# Debian's prometheus package (2.42, with promtool): `make observe` runs it; the dashboard tests start it.
+prometheus:
+	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then \
+		echo "==> installing Debian's prometheus package (apt-get install prometheus)"; \
+		SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; \
+	fi
+
+# Prometheus on http://127.0.0.1:9090 scraping the app's Ray metrics port (8080, what `make run` opens).
+observe: install prometheus
+	$(BIN)/serve-app observe
+
+# Benchmarks (bench/README.md): about 35-45 min on 2 cores. BENCH_FLAGS=--quick for a smoke run (~8 min).
+BENCH_FLAGS ?=
+bench: install model
+	$(BIN)/pip install -q -r bench/requirements.txt
+	$(BIN)/python -m bench.overhead $(BENCH_FLAGS)
+	$(BIN)/python -m bench.streaming_ceiling $(BENCH_FLAGS)
+	$(BIN)/python -m bench.overload $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -21,6 +21,7 @@ _TOOL_MODULES = (
     "serve_app.cost_cli",
     "serve_app.trace",
     "serve_app.model_prep",
+    "serve_app.observe",
 )
 
 

@@ -109,6 +109,20 @@ class Dispatcher:
         self.retry_after_s = retry_after_s
         self.hosted: HostedBackend | None = None
         self.served_names: dict[str, str] = {}
+        self._inflight: dict[tuple[str, str], int] = {}
+
+    def _set_route(self, rec: RequestRecord, route: str) -> None:
+        """Move the request's in-flight count to `route` (a spill moves it from self_hosted to gemini)."""
+        self._count_inflight(rec, -1)
+        rec.route = route
+        self._count_inflight(rec, +1)
+
+    def _count_inflight(self, rec: RequestRecord, delta: int) -> None:
+        if rec.route == "none":
+            return
+        key = (rec.alias, rec.route)
+        self._inflight[key] = self._inflight.get(key, 0) + delta
+        self.metrics.set("inflight_requests", self._inflight[key], model=rec.alias, route=rec.route)
 
     # ------------------------------------------------------------------------------------ entry point
     async def run(self, rec: RequestRecord, route: RouteConfig, body: dict[str, Any]) -> Response:
@@ -161,7 +175,8 @@ class Dispatcher:
     async def _via_pool(self, rec: RequestRecord, route: RouteConfig, pool: str, body: dict[str, Any]) -> Response:
         state = self.monitor.pools[pool]
         breaker = state.breaker
-        rec.route, rec.upstream_model = SELF_HOSTED, self.served_names.get(pool, pool)
+        self._set_route(rec, SELF_HOSTED)
+        rec.upstream_model = self.served_names.get(pool, pool)
         state.inflight += 1
         released = False
 
@@ -187,6 +202,7 @@ class Dispatcher:
             breaker.record(time.monotonic(), ok=False)
             err = status_error(first.status, str(first.body.get("error", {}).get("message", "engine error")))
             raise SpillableFailure("error_before_first_token", err, True)
+        self.metrics.observe("queue_seconds", time.monotonic() - rec.started, model=rec.alias, route=rec.route)
 
         def on_done(ok: bool) -> None:
             release()
@@ -195,14 +211,14 @@ class Dispatcher:
 
         return self._respond(rec, first, gen, on_done)
 
-    async def _first(self, gen: Any, timeout: float | None) -> Reply:
+    async def _first(self, gen: Any, deadline_s: float | None) -> Reply:
         from ray.serve.exceptions import BackPressureError
 
         try:
-            if timeout is None:
+            if deadline_s is None:
                 first: Reply = await gen.__anext__()
             else:
-                first = await asyncio.wait_for(gen.__anext__(), timeout)
+                first = await asyncio.wait_for(gen.__anext__(), deadline_s)
         except BackPressureError:
             raise SpillableFailure(
                 "backpressure",
@@ -240,7 +256,8 @@ class Dispatcher:
     # ------------------------------------------------------------------------------------ hosted
     async def _via_gemini(self, rec: RequestRecord, route: RouteConfig, body: dict[str, Any]) -> Response:
         assert self.hosted is not None and route.gemini_model is not None
-        rec.route, rec.upstream_model = GEMINI, route.gemini_model
+        self._set_route(rec, GEMINI)
+        rec.upstream_model = route.gemini_model
         if rec.spill_reason:
             self.metrics.inc("spill", model=rec.alias, reason=rec.spill_reason)
         hosted_body = dict(body)
@@ -255,6 +272,7 @@ class Dispatcher:
             if isinstance(err, RateLimited | ServiceUnavailable):
                 err.headers.setdefault("Retry-After", str(self.retry_after_s))
             raise
+        self.metrics.observe("queue_seconds", time.monotonic() - rec.started, model=rec.alias, route=rec.route)
         return self._respond(rec, first, gen, lambda ok: None)
 
     # ------------------------------------------------------------------------------------ response
@@ -334,6 +352,7 @@ class Dispatcher:
         yield DONE
 
     def finish(self, rec: RequestRecord) -> None:
+        self._count_inflight(rec, -1)
         labels = {"model": rec.alias, "route": rec.route}
         duration = time.monotonic() - rec.started
         self.metrics.inc("requests", model=rec.alias, route=rec.route, outcome=rec.outcome)
@@ -344,10 +363,16 @@ class Dispatcher:
 
 
 def _cancel(gen: Any) -> None:
+    """Stop a backend stream now: Ray response generators cancel; async generators are closed."""
     cancel = getattr(gen, "cancel", None)
     if cancel is not None:
         with contextlib.suppress(Exception):
             cancel()
+        return
+    aclose = getattr(gen, "aclose", None)
+    if aclose is not None:
+        task = asyncio.ensure_future(aclose())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
 def _is_backpressure(err: BaseException) -> bool:

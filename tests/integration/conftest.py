@@ -12,6 +12,9 @@ from tests.support import free_port
 
 TEST_KEYS_ENV = "SERVE_APP_TEST_API_KEYS"
 TEST_KEYS = ("sk-test-alpha-123", "sk-test-beta-456")
+# The Gemini key the gateway replicas read (gemini.api_key_env) when a test points a route at the stand-in.
+GEMINI_TEST_KEY_ENV = "SERVE_APP_TEST_GEMINI_KEY"
+GEMINI_TEST_KEY = "standin-session-key-789"
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +25,7 @@ def ray_cluster() -> Iterator[dict[str, Any]]:
     metrics_port = free_port()
     # Replica processes inherit the driver's environment: client API keys for the auth tests.
     os.environ[TEST_KEYS_ENV] = ",".join(TEST_KEYS)
+    os.environ[GEMINI_TEST_KEY_ENV] = GEMINI_TEST_KEY
     ray.init(
         num_cpus=8,
         include_dashboard=False,
@@ -61,3 +65,43 @@ def deploy_declarative(cluster: dict[str, Any], name: str, config: dict[str, Any
     client.deploy_apps(ServeDeploySchema.model_validate(doc))
     client._wait_for_application_running(name, timeout_s=120)
     return f"{cluster['base']}/{name}/v1"
+
+
+REAL_APP = "real"
+REAL_KV_GIB = 1.0
+REAL_MAX_MODEL_LEN = 2048
+
+
+def real_config() -> dict[str, Any]:
+    """configs/local.yaml's pool (the real SmolLM2 engine), as the tests deploy it."""
+    from serve_app.config import load_config
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cfg = load_config(os.path.join(root, "configs", "local.yaml"))
+    pool = cfg.pools["smollm2"].model_dump(mode="json")
+    pool["vllm"].update(cpu_kv_cache_space_gib=REAL_KV_GIB, max_model_len=REAL_MAX_MODEL_LEN)
+    return {
+        "pools": {"smollm2": pool},
+        "routes": {"smollm2": {"policy": "self_hosted_only", "pool": "smollm2"}},
+        "gateway": {"num_cpus": 0.1},
+    }
+
+
+@pytest.fixture(scope="session")
+def real_app(ray_cluster: dict[str, Any]) -> Iterator[str]:
+    """The real vLLM engine (SmolLM2 on CPU) behind the real gateway: started once per test session."""
+    from ray import serve
+
+    base = deploy(ray_cluster, REAL_APP, real_config())
+    try:
+        yield base
+    finally:
+        serve.delete(REAL_APP)
+
+
+def real_stats() -> dict[str, Any]:
+    from ray import serve
+
+    handle = serve.get_deployment_handle("LLMServer-smollm2", app_name=REAL_APP)
+    result: dict[str, Any] = handle.stats.remote().result(timeout_s=30)
+    return result
