@@ -204,6 +204,13 @@ class LLMServer:
             **self._engine.info(),
         }
 
+    async def set_faults(self, **faults: Any) -> None:
+        """Test hook for the simulated engine (fault injection); refused by real engines."""
+        setter = getattr(self._engine, "set_faults", None)
+        if setter is None:
+            raise TypeError(f"the {self._pool.engine} engine has no fault injection")
+        setter(**faults)
+
     async def check_health(self) -> None:
         await self._engine.check_health()
 

@@ -66,6 +66,15 @@ class SimulatedEngine:
         self._tokens_in_flight = 0
         self._generated = 0
         self._slot_free = asyncio.Condition()
+        self.fail_before_first_token = self._cfg.fail_before_first_token
+        self.fail_after_tokens = self._cfg.fail_after_tokens
+
+    def set_faults(self, fail_before_first_token: bool | None = None, fail_after_tokens: int | None = -1) -> None:
+        """Test hook: change the failure injection at run time (fail_after_tokens=None: never)."""
+        if fail_before_first_token is not None:
+            self.fail_before_first_token = fail_before_first_token
+        if fail_after_tokens is None or fail_after_tokens >= 0:
+            self.fail_after_tokens = fail_after_tokens
 
     async def start(self) -> None:
         logger.info("simulated engine %s ready (%s)", self.served_model_name, self._cfg.model_dump())
@@ -167,7 +176,7 @@ class SimulatedEngine:
         self._tokens_in_flight += prompt_tokens
         produced = 0
         try:
-            if self._cfg.fail_before_first_token:
+            if self.fail_before_first_token:
                 raise SimulatedError("simulated failure before the first token")
             await asyncio.sleep(self._cfg.first_token_delay_s)
             stream = bool(body.get("stream"))
@@ -178,7 +187,7 @@ class SimulatedEngine:
                 produced += len(words)
                 self._generated += len(words)
                 self._tokens_in_flight += len(words)
-                fail_at = self._cfg.fail_after_tokens
+                fail_at = self.fail_after_tokens
                 if fail_at is not None and produced > fail_at:
                     raise SimulatedError("simulated failure mid-stream")
                 if stream:
