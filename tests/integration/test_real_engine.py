@@ -99,7 +99,8 @@ def test_vllm_request_fields_pass_through(client: openai.OpenAI) -> None:
         ({"messages": [{"role": "user", "content": "hi " * 3000}]}, None),  # prompt beyond max_model_len
         ({"messages": QUESTION, "max_tokens": REAL_MAX_MODEL_LEN + 10}, None),  # max_tokens beyond context
         ({"messages": QUESTION, "temperature": "hot"}, "temperature"),
-        ({"messages": [{"role": "wizard", "content": "x"}]}, None),
+        ({"messages": QUESTION, "top_p": 5}, "top_p"),
+        ({"messages": QUESTION, "max_tokens": 0}, "max_tokens"),
     ],
 )
 def test_engine_validation_errors_are_400(real_app: str, body: dict[str, object], param_hint: str | None) -> None:
