@@ -18,7 +18,7 @@ from serve_app.testing.gemini_standin import running_standin
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(ROOT / "bench/results/scaling-trace"))
+    ap.add_argument("--out", default=str(ROOT / "bench/results/scaling-trace/trace"), help="output prefix (.csv, .png)")
     ap.add_argument("--duration", type=float, default=90)
     ap.add_argument("--peak-concurrency", type=int, default=24)
     args = ap.parse_args()
