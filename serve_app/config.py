@@ -118,6 +118,13 @@ class DeploymentOptions(_Strict):
     num_cpus: float = Field(1.0, ge=0, description="Logical CPUs reserved per replica.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (tensor_parallel_size for vLLM on GPU).")
     health_check_period_s: float = Field(10.0, gt=0, description="Seconds between replica health checks.")
+    stream_batch_interval_ms: float = Field(
+        0.0,
+        ge=0,
+        le=200,
+        description="Hold stream chunks up to this long to send several per Ray hop (0: only merge chunks "
+        "already waiting). Trades a bounded inter-token delay for gateway CPU; the first chunk is never held.",
+    )
     graceful_shutdown_timeout_s: float = Field(30.0, ge=0, description="Drain time before a replica stops.")
 
     @model_validator(mode="after")

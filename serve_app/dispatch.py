@@ -24,6 +24,7 @@ from serve_app.metrics import Metrics
 from serve_app.pools import PoolMonitor
 from serve_app.protocol import DONE, ChunkReply, ErrorReply, JSONReply, Reply, sse_error
 from serve_app.routing import decide, may_spill_after_failure
+from serve_app.streaming import coalesce
 
 logger = logging.getLogger(__name__)
 request_log = logging.getLogger("serve_app.requests")
@@ -297,14 +298,20 @@ class Dispatcher:
             self.finish(rec)
             return JSONResponse(first.body, headers=headers)
         return StreamingResponse(
-            self._stream(rec, first, gen, on_done),
+            self._stream(rec, first, gen, coalesce(gen), on_done),
             media_type="text/event-stream",
             headers={**headers, "cache-control": "no-cache"},
         )
 
     async def _stream(
-        self, rec: RequestRecord, first: ChunkReply, gen: Any, on_done: Callable[[bool], None]
+        self,
+        rec: RequestRecord,
+        first: ChunkReply,
+        gen: Any,
+        rest: AsyncIterator[Reply],
+        on_done: Callable[[bool], None],
     ) -> AsyncIterator[str]:
+        """Write the stream; `rest` is `gen` after the first item, with chunks that piled up merged."""
         last = time.monotonic()
         ok = True
         item: Reply = first
@@ -332,12 +339,13 @@ class Dispatcher:
                     yield sse_error(item.status, item.body)
                     break
                 try:
-                    item = await gen.__anext__()
+                    item = await rest.__anext__()
                 except StopAsyncIteration:
                     break
         except (asyncio.CancelledError, GeneratorExit):
             rec.outcome, rec.status = "client_abort", 499
             _cancel(gen)
+            _close(rest)
             raise
         except Exception as err:
             ok = False
@@ -369,7 +377,11 @@ def _cancel(gen: Any) -> None:
         with contextlib.suppress(Exception):
             cancel()
         return
-    aclose = getattr(gen, "aclose", None)
+    _close(gen)
+
+
+def _close(it: AsyncIterator[Reply]) -> None:
+    aclose = getattr(it, "aclose", None)
     if aclose is not None:
         task = asyncio.ensure_future(aclose())
         task.add_done_callback(lambda t: t.cancelled() or t.exception())

@@ -23,6 +23,7 @@ from serve_app.config import PoolConfig
 from serve_app.engines import create_engine
 from serve_app.loadboard import get_board
 from serve_app.protocol import ChunkReply, JSONReply, Reply
+from serve_app.streaming import coalesce
 
 logger = logging.getLogger(__name__)
 
@@ -78,71 +79,6 @@ def _realias(reply: Reply, served: str, alias: str) -> Reply:
     return reply
 
 
-def _merge(chunks: list[ChunkReply]) -> ChunkReply:
-    merged = ChunkReply("".join(c.data for c in chunks), tokens=sum(c.tokens for c in chunks))
-    last = chunks[-1]
-    merged.usage, merged.usage_only = last.usage, last.usage_only
-    return merged
-
-
-async def coalesce(replies: AsyncIterator[Reply], max_batch: int = 64) -> AsyncIterator[Reply]:
-    """Yield replies as they come, merging stream chunks that are already waiting into one item.
-
-    Each item crosses a Ray hop to the gateway; when the engine produces chunks faster than the hop
-    drains them, merging bounds the per-request hop count without adding latency (nothing waits).
-    A usage-only chunk is never merged into content, so the gateway can drop it cleanly.
-    """
-    queue: asyncio.Queue[Reply | BaseException | None] = asyncio.Queue()
-
-    async def pump() -> None:
-        try:
-            async for item in replies:
-                await queue.put(item)
-            await queue.put(None)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as err:  # forwarded to the consumer, re-raised there
-            await queue.put(err)
-
-    task = asyncio.create_task(pump())
-    try:
-        while True:
-            item = await queue.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            if not isinstance(item, ChunkReply) or item.usage_only:
-                yield item
-                continue
-            batch = [item]
-            tail: Reply | BaseException | None = None
-            has_tail = False
-            while len(batch) < max_batch and not queue.empty():
-                nxt = queue.get_nowait()
-                if isinstance(nxt, ChunkReply) and not nxt.usage_only:
-                    batch.append(nxt)
-                else:
-                    tail, has_tail = nxt, True
-                    break
-            yield batch[0] if len(batch) == 1 else _merge(batch)
-            if has_tail:
-                if tail is None:
-                    return
-                if isinstance(tail, BaseException):
-                    raise tail
-                yield tail
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
-        # Close the engine generator here so an engine-side abort happens now, not at GC.
-        aclose = getattr(replies, "aclose", None)
-        if aclose is not None:
-            with contextlib.suppress(Exception):
-                await aclose()
-
-
 class LLMServer:
     """One engine per replica. Called by the gateway through a streaming DeploymentHandle."""
 
@@ -151,6 +87,7 @@ class LLMServer:
         self._pool = PoolConfig.model_validate(pool_config)
         self._engine = create_engine(pool_name, self._pool)
         self._served = self._engine.served_model_name
+        self._batch_s = self._pool.deployment.stream_batch_interval_ms / 1000
         started = time.monotonic()
         await self._engine.start()
         logger.info("pool %s: engine %s ready in %.1f s", pool_name, self._pool.engine, time.monotonic() - started)
@@ -167,12 +104,12 @@ class LLMServer:
     # ------------------------------------------------------------------------------- request methods
     async def chat(self, body: dict[str, Any], alias: str, request_id: str) -> AsyncIterator[Reply]:
         body["model"] = self._served
-        async for item in coalesce(self._engine.chat(body, request_id)):
+        async for item in coalesce(self._engine.chat(body, request_id), interval_s=self._batch_s):
             yield _realias(item, self._served, alias)
 
     async def completion(self, body: dict[str, Any], alias: str, request_id: str) -> AsyncIterator[Reply]:
         body["model"] = self._served
-        async for item in coalesce(self._engine.completion(body, request_id)):
+        async for item in coalesce(self._engine.completion(body, request_id), interval_s=self._batch_s):
             yield _realias(item, self._served, alias)
 
     # ------------------------------------------------------------------------------- load and health

@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator
 
 from serve_app.config import PoolConfig
 from serve_app.engines.simulated import SimulatedEngine
-from serve_app.llm_server import LoadTracker, coalesce, load_stats
+from serve_app.llm_server import LoadTracker, load_stats
 from serve_app.protocol import ChunkReply, ErrorReply, JSONReply, Reply
+from serve_app.streaming import coalesce
 
 
 def _engine(**sim: object) -> SimulatedEngine:
@@ -108,3 +109,21 @@ def test_load_tracker_rate_and_demand() -> None:
     assert t.peak() == 150.0
     stats = load_stats(waiting=2, running=2, kv=0.5, rate=100.0, peak=t.peak())
     assert stats["demand_tokens_per_s"] == 200.0 and stats["capacity_tokens_per_s"] == 150.0
+
+
+async def test_coalesce_interval_batches_a_slow_stream_but_never_holds_the_first_chunk() -> None:
+    async def paced() -> AsyncIterator[Reply]:
+        for _ in range(20):
+            yield ChunkReply("t", tokens=1)
+            await asyncio.sleep(0.01)
+
+    started = asyncio.get_running_loop().time()
+    arrivals: list[tuple[float, int]] = []
+    async for item in coalesce(paced(), interval_s=0.05):
+        assert isinstance(item, ChunkReply)
+        arrivals.append((asyncio.get_running_loop().time() - started, item.tokens))
+    assert arrivals[0] == (arrivals[0][0], 1) and arrivals[0][0] < 0.02  # first chunk at once, alone
+    assert sum(t for _, t in arrivals) == 20
+    assert len(arrivals) <= 8  # ~5 tokens per item instead of 20 items
+    without = [i async for i in coalesce(paced())]
+    assert len(without) >= 15  # no interval: a paced stream passes through chunk by chunk
