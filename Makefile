@@ -65,7 +65,7 @@ prometheus:
 observe: install prometheus
 	$(BIN)/serve-app observe
 
-# Benchmarks (bench/README.md): about 35-45 min on 2 cores. BENCH_FLAGS=--quick for a smoke run (~8 min).
+# Benchmarks (bench/README.md): about an hour on 2 cores. BENCH_FLAGS=--quick for a smoke run (~10 min).
 BENCH_FLAGS ?=
 bench: install model
 	$(BIN)/pip install -q -r bench/requirements.txt

@@ -1,0 +1,301 @@
+"""Serving overhead: `vllm bench serve` against bare vLLM, Ray Serve LLM and serve_app, same engine flags.
+
+Rounds alternate the systems (start one, run all its cells, stop it by pid, next) so machine noise hits
+all three; each round reverses the order so drift does not favour one system. Reports medians over rounds.
+
+    python -m bench.overhead                 # full matrix: 2 shapes x 3 concurrencies x 3 systems x 2 rounds
+    python -m bench.overhead --quick         # one shape, c=8, one round, few prompts (a smoke run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.charts import grouped_bars
+from bench.common import (
+    PYTHON,
+    RESULTS,
+    command_line,
+    machine,
+    machine_md,
+    md_table,
+    median,
+    model_dir,
+    setup_logging,
+    write_json,
+)
+from bench.systems import Running, start_system
+
+logger = logging.getLogger("bench.overhead")
+
+SYSTEM_LABELS = {"bare": "bare vLLM", "rayllm": "Ray Serve LLM", "app": "serve_app"}
+METRICS = ("output_throughput", "p50_ttft_ms", "p99_ttft_ms", "p50_itl_ms", "p99_itl_ms")
+# num-prompts per (input, output, concurrency): sized so one cell takes roughly 30-60 s on 2 CPU cores
+# (about 35 tok/s at c=1, 100 at c=8, 150-180 at c=32), with at least two full waves of requests.
+DEFAULT_PROMPTS = {
+    (128, 64, 1): 12,
+    (128, 64, 8): 48,
+    (128, 64, 32): 96,
+    (512, 128, 1): 6,
+    (512, 128, 8): 24,
+    (512, 128, 32): 64,
+}
+
+
+def num_prompts(inp: int, out: int, conc: int, scale: float) -> int:
+    base = DEFAULT_PROMPTS.get((inp, out, conc)) or max(2 * conc, (40 * max(conc, 1) * 3) // max(out, 1))
+    return max(conc, round(base * scale))
+
+
+def bench_argv(run: Running, inp: int, out: int, conc: int, prompts: int, result: Path | None) -> list[str]:
+    """Arguments of one `vllm bench serve` cell (what would follow `vllm bench serve` on a command line)."""
+    argv = [
+        "--backend", "openai-chat",
+        "--base-url", run.base_url,
+        "--endpoint", "/v1/chat/completions",
+        "--model", run.model,
+        "--tokenizer", str(model_dir()),
+        "--dataset-name", "random",
+        "--random-input-len", str(inp),
+        "--random-output-len", str(out),
+        "--num-prompts", str(prompts),
+        "--max-concurrency", str(conc),
+        "--ignore-eos",
+        "--seed", "0",
+        "--percentile-metrics", "ttft,tpot,itl,e2el",
+        "--metric-percentiles", "50,99",
+        "--disable-tqdm",
+    ]  # fmt: skip
+    if result is not None:
+        argv += ["--save-result", "--result-dir", str(result.parent), "--result-filename", result.name]
+    return argv
+
+
+def run_batch(cells: list[list[str]], work: Path, tag: str) -> None:
+    """All cells of one system in one `bench.vllm_bench --batch` process (vLLM's import costs ~20 s)."""
+    batch = work / f"batch-{tag}.json"
+    batch.write_text(json.dumps(cells))
+    log = work / f"bench-{tag}.log"
+    with log.open("w") as f:
+        proc = subprocess.run(
+            [PYTHON, "-m", "bench.vllm_bench", "--batch", str(batch)], stdout=f, stderr=subprocess.STDOUT, timeout=3600
+        )
+    if proc.returncode != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+        raise RuntimeError(f"vllm bench serve batch failed ({proc.returncode}):\n{tail}")
+
+
+def read_cell(path: Path, argv: list[str], prompts: int) -> dict[str, Any]:
+    raw = json.loads(path.read_text())
+    cell = {k: raw.get(k) for k in METRICS}
+    cell.update(
+        completed=raw.get("completed"),
+        failed=raw.get("failed", 0),
+        duration_s=raw.get("duration"),
+        num_prompts=prompts,
+        command="vllm bench serve " + " ".join(a for a in argv if not a.startswith("/tmp")),
+    )
+    return cell
+
+
+def run_system(
+    name: str, cells: list[tuple[int, int, int]], args: argparse.Namespace, work: Path, rnd: int
+) -> list[dict[str, Any]]:
+    started = time.monotonic()
+    run = start_system(name, work)
+    startup_s = time.monotonic() - started
+    plan: list[tuple[Path, list[str], int, tuple[int, int, int]]] = []
+    for inp, out, conc in cells:
+        prompts = num_prompts(inp, out, conc, args.scale)
+        path = work / f"{name}-r{rnd}-{inp}x{out}-c{conc}.json"
+        plan.append((path, bench_argv(run, inp, out, conc, prompts, path), prompts, (inp, out, conc)))
+    # Warm-up first: the first requests pay one-off costs (tokenizer caches, Serve handle set-up).
+    argvs = [bench_argv(run, 128, 16, 4, 8, None)] + [a for _, a, _, _ in plan]
+    t0 = time.monotonic()
+    try:
+        run_batch(argvs, work, f"{name}-r{rnd}")
+    finally:
+        run.server.stop()
+    records = []
+    for path, argv, prompts, (inp, out, conc) in plan:
+        cell = read_cell(path, argv, prompts)
+        cell.update(
+            system=name, round=rnd, input_len=inp, output_len=out, concurrency=conc, startup_s=round(startup_s, 1)
+        )
+        logger.info(
+            "%s r%d %dx%d c=%d: %.1f tok/s, TTFT p50 %.0f ms, ITL p50 %.1f ms (%.0f s)",
+            name,
+            rnd,
+            inp,
+            out,
+            conc,
+            cell["output_throughput"],
+            cell["p50_ttft_ms"],
+            cell["p50_itl_ms"],
+            cell["duration_s"],
+        )
+        records.append(cell)
+    logger.info("%s round %d: started in %.0f s, cells took %.0f s", name, rnd, startup_s, time.monotonic() - t0)
+    return records
+
+
+def summarize(records: list[dict[str, Any]], systems: list[str]) -> list[dict[str, Any]]:
+    keys = sorted({(r["input_len"], r["output_len"], r["concurrency"]) for r in records})
+    rows = []
+    for inp, out, conc in keys:
+        row: dict[str, Any] = {"input_len": inp, "output_len": out, "concurrency": conc}
+        for s in systems:
+            mine = [
+                r
+                for r in records
+                if r["system"] == s and (r["input_len"], r["output_len"], r["concurrency"]) == (inp, out, conc)
+            ]
+            for m in METRICS:
+                row[f"{s}.{m}"] = median([r[m] for r in mine if r.get(m) is not None])
+            row[f"{s}.failed"] = sum(int(r.get("failed") or 0) for r in mine)
+            row[f"{s}.rounds"] = len(mine)
+        rows.append(row)
+    return rows
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets, checked per cell: throughput vs bare and vs Ray Serve LLM at c>=8, ITL p50."""
+    out = []
+    for r in rows:
+        cell = f"{r['input_len']}→{r['output_len']} c={r['concurrency']}"
+        tput = _ratio(r.get("app.output_throughput"), r.get("bare.output_throughput"))
+        vs_ray = _ratio(r.get("app.output_throughput"), r.get("rayllm.output_throughput"))
+        itl = _ratio(r.get("app.p50_itl_ms"), r.get("bare.p50_itl_ms"))
+        if r["concurrency"] >= 8:
+            out.append(
+                {
+                    "cell": cell,
+                    "target": "throughput ≥ 0.97 x bare",
+                    "value": tput,
+                    "met": tput is not None and tput >= 0.97,
+                }
+            )
+            out.append(
+                {
+                    "cell": cell,
+                    "target": "throughput ≥ 1.10 x Ray Serve LLM",
+                    "value": vs_ray,
+                    "met": vs_ray is not None and vs_ray >= 1.10,
+                }
+            )
+        out.append(
+            {"cell": cell, "target": "ITL p50 ≤ 1.05 x bare", "value": itl, "met": itl is not None and itl <= 1.05}
+        )
+    return out
+
+
+def markdown(rows: list[dict[str, Any]], systems: list[str], checks: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    head = [
+        "shape",
+        "c",
+        "system",
+        "output tok/s",
+        "TTFT p50 ms",
+        "TTFT p99 ms",
+        "ITL p50 ms",
+        "ITL p99 ms",
+        "tok/s vs bare",
+        "tok/s vs Ray Serve LLM",
+        "failed",
+    ]
+    body = []
+    for r in rows:
+        for s in systems:
+            body.append(
+                [
+                    f"{r['input_len']}→{r['output_len']}",
+                    r["concurrency"],
+                    SYSTEM_LABELS[s],
+                    r.get(f"{s}.output_throughput"),
+                    r.get(f"{s}.p50_ttft_ms"),
+                    r.get(f"{s}.p99_ttft_ms"),
+                    r.get(f"{s}.p50_itl_ms"),
+                    r.get(f"{s}.p99_itl_ms"),
+                    _ratio(r.get(f"{s}.output_throughput"), r.get("bare.output_throughput")),
+                    _ratio(r.get(f"{s}.output_throughput"), r.get("rayllm.output_throughput")),
+                    r.get(f"{s}.failed"),
+                ]
+            )
+    check_rows = [[c["cell"], c["target"], c["value"], "met" if c["met"] else "NOT met"] for c in checks]
+    return "\n".join(
+        [
+            "# Overhead: serve_app vs bare vLLM vs Ray Serve LLM",
+            "",
+            f"Medians over {meta['rounds']} alternating round(s); `vllm bench serve --backend openai-chat "
+            "--dataset-name random --ignore-eos`, SmolLM2-135M-Instruct bf16, enforce_eager, max_model_len 2048, "
+            f"VLLM_CPU_KVCACHE_SPACE={meta['kv_gib']} for all three; one replica each.",
+            "",
+            md_table(head, body),
+            "",
+            "## Targets",
+            "",
+            md_table(["cell", "target", "ratio", "result"], check_rows),
+            "",
+            machine_md(meta["machine"], meta["command"], meta["notes"]),
+        ]
+    )
+
+
+def main() -> None:
+    setup_logging()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--systems", default="bare,rayllm,app", help="comma list of bare, rayllm, app")
+    p.add_argument("--shapes", default="128x64,512x128", help="comma list of INPUTxOUTPUT token lengths")
+    p.add_argument("--concurrency", default="1,8,32", help="comma list of max concurrency values")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every cell's num-prompts")
+    p.add_argument("--quick", action="store_true", help="128x64 at c=8, one round, a quarter of the prompts")
+    p.add_argument("--out", type=Path, default=RESULTS / "overhead")
+    p.add_argument("--note", action="append", default=[], help="a note to record with the results")
+    args = p.parse_args()
+    if args.quick:
+        args.shapes, args.concurrency, args.rounds, args.scale = "128x64", "8", 1, 0.34
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    cells = [(i, o, c) for i, o in shapes for c in (int(x) for x in args.concurrency.split(","))]
+    meta: dict[str, Any] = {"machine": machine(), "command": command_line(), "rounds": args.rounds, "kv_gib": 2}
+    meta["notes"] = [*args.note, "other helpers' test suites shared the 2 CPU cores during the run (noise)"]
+    started = time.monotonic()
+    records: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
+        work = Path(tmp)
+        for rnd in range(1, args.rounds + 1):
+            order = systems if rnd % 2 else list(reversed(systems))
+            for name in order:
+                records += run_system(name, cells, args, work, rnd)
+        meta["logs_tail"] = {}
+    meta["duration_s"] = round(time.monotonic() - started)
+    rows = summarize(records, systems)
+    checks = targets(rows) if {"app", "bare"} <= set(systems) else []
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    write_json(args.out / f"run-{stamp}.json", {**meta, "cells": records, "summary": rows, "targets": checks})
+    md = markdown(rows, systems, checks, meta)
+    (args.out / "summary.md").write_text(md + f"\nTotal duration: {meta['duration_s']} s.\n")
+    grouped_bars(
+        args.out / "throughput.png",
+        [f"{r['input_len']}→{r['output_len']}\nc={r['concurrency']}" for r in rows],
+        {SYSTEM_LABELS[s]: [r.get(f"{s}.output_throughput") or 0.0 for r in rows] for s in systems},
+        "output tokens/s (median over rounds)",
+        "Output throughput: bare vLLM vs Ray Serve LLM vs serve_app",
+    )
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

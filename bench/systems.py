@@ -1,0 +1,149 @@
+"""The servers a scenario compares: bare vLLM, Ray Serve LLM, and serve_app (`serve-app run`).
+
+All three serve the same local SmolLM2 folder with the same engine flags (bfloat16, enforce_eager,
+max_model_len 2048, VLLM_CPU_KVCACHE_SPACE the same for all).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.common import PYTHON, Server, free_port, http_ok, model_dir
+
+KV_GIB = 2
+MAX_MODEL_LEN = 2048
+APP_POOL = "smollm2"
+
+
+@dataclass
+class Running:
+    """A started system: where to send requests and which model name to ask for."""
+
+    server: Server
+    base_url: str
+    model: str
+
+
+def app_config(pools: dict[str, Any], routes: dict[str, Any], gemini: dict[str, Any] | None = None) -> dict[str, Any]:
+    cfg: dict[str, Any] = {"pools": pools, "routes": routes, "gateway": {"num_cpus": 0.25}}
+    if gemini is not None:
+        cfg["gemini"] = gemini
+    return cfg
+
+
+def vllm_app_config() -> dict[str, Any]:
+    """serve_app with one real vLLM replica and the anchors' engine flags."""
+    pool = {
+        "engine": "vllm",
+        "model": str(model_dir()),
+        "served_model_name": "SmolLM2-135M-Instruct",
+        "vllm": {
+            "dtype": "bfloat16",
+            "max_model_len": MAX_MODEL_LEN,
+            "enforce_eager": True,
+            "cpu_kv_cache_space_gib": KV_GIB,
+        },
+        "deployment": {"num_replicas": 1, "max_ongoing_requests": 256, "max_queued_requests": 256, "num_cpus": 1},
+    }
+    return app_config({APP_POOL: pool}, {APP_POOL: {"policy": "self_hosted_only", "pool": APP_POOL}})
+
+
+def write_config(cfg: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def _serve_app_bin() -> str:
+    return str(Path(PYTHON).parent / "serve-app")
+
+
+def start_app(config: Path, log: Path, env: dict[str, str] | None = None, timeout: float = 300) -> Running:
+    """`serve-app run` (Ray in-process) on free ports; ready when /health answers and the log says so."""
+    port, metrics_port = free_port(), free_port()
+    server = Server(
+        "serve_app",
+        [_serve_app_bin(), "run", "--config", str(config), "--port", str(port), "--metrics-port", str(metrics_port)],
+        log,
+        # RAY_ADDRESS=local: always a fresh cluster owned by this process, never one started by `ray start`.
+        env={"RAY_ADDRESS": "local", **(env or {})},
+    )
+    server.start()
+    base = f"http://127.0.0.1:{port}"
+    server.wait_ready(lambda: "serve_app is ready" in server.log_tail(200) and http_ok(base + "/health"), timeout)
+    cfg = yaml.safe_load(config.read_text())
+    return Running(server, base, next(iter(cfg["routes"])))
+
+
+def start_bare_vllm(log: Path, timeout: float = 300) -> Running:
+    port = free_port()
+    server = Server(
+        "bare-vllm",
+        [
+            PYTHON,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model_dir()),
+            "--served-model-name",
+            "SmolLM2-135M-Instruct",
+            "--dtype",
+            "bfloat16",
+            "--enforce-eager",
+            "--max-model-len",
+            str(MAX_MODEL_LEN),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        log,
+        env={"VLLM_CPU_KVCACHE_SPACE": str(KV_GIB)},
+    )
+    server.start()
+    base = f"http://127.0.0.1:{port}"
+    server.wait_ready(lambda: http_ok(base + "/v1/models"), timeout)
+    return Running(server, base, "SmolLM2-135M-Instruct")
+
+
+def start_ray_serve_llm(log: Path, timeout: float = 400) -> Running:
+    port = free_port()
+    server = Server(
+        "ray-serve-llm",
+        [
+            PYTHON,
+            "-m",
+            "bench.rayllm_server",
+            "--model-dir",
+            str(model_dir()),
+            "--model-id",
+            "SmolLM2-135M-Instruct",
+            "--port",
+            str(port),
+            "--kv-gib",
+            str(KV_GIB),
+            "--max-model-len",
+            str(MAX_MODEL_LEN),
+        ],
+        log,
+        env={"VLLM_CPU_KVCACHE_SPACE": str(KV_GIB)},
+    )
+    server.start()
+    base = f"http://127.0.0.1:{port}"
+    server.wait_ready(lambda: "rayllm is ready" in server.log_tail(200) and http_ok(base + "/v1/models"), timeout)
+    return Running(server, base, "SmolLM2-135M-Instruct")
+
+
+def start_system(name: str, workdir: Path) -> Running:
+    log = workdir / f"{name}.log"
+    if name == "bare":
+        return start_bare_vllm(log)
+    if name == "rayllm":
+        return start_ray_serve_llm(log)
+    if name == "app":
+        return start_app(write_config(vllm_app_config(), workdir / "app-overhead.yaml"), log)
+    raise ValueError(f"unknown system {name!r}")
