@@ -270,7 +270,7 @@ def main() -> None:
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     cells = [(i, o, c) for i, o in shapes for c in (int(x) for x in args.concurrency.split(","))]
     meta: dict[str, Any] = {"machine": machine(), "command": command_line(), "rounds": args.rounds, "kv_gib": 2}
-    meta["notes"] = [*args.note, "other helpers' test suites shared the 2 CPU cores during the run (noise)"]
+    meta["notes"] = list(args.note)  # say with --note what else ran on the machine
     started = time.monotonic()
     records: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:

@@ -264,7 +264,7 @@ def main() -> None:
         args.step_seconds, args.steps = 8.0, "0.25,3"
     mults = [float(x) for x in args.steps.split(",")]
     meta: dict[str, Any] = {"machine": machine(), "command": command_line(), "step_s": args.step_seconds}
-    meta["notes"] = [*args.note, "other helpers' test suites shared the 2 CPU cores during the run (noise)"]
+    meta["notes"] = list(args.note)  # say with --note what else ran on the machine
     started = time.monotonic()
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-overload-") as tmp:

@@ -323,7 +323,7 @@ def main() -> None:
     cells = [("bulk", "fast", int(n), 4000) for n in args.bulk_streams.split(",")]
     cells += [("per-token", "paced", int(n), 500) for n in args.per_token_streams.split(",")]
     meta: dict[str, Any] = {"machine": machine(), "command": command_line(), "duration_s": args.duration}
-    meta["notes"] = [*args.note, "other helpers' test suites shared the 2 CPU cores during the run (noise)"]
+    meta["notes"] = list(args.note)  # say with --note what else ran on the machine
     started = time.monotonic()
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-stream-") as tmp:
