@@ -24,7 +24,6 @@ from serve_app.metrics import Metrics
 from serve_app.pools import PoolMonitor
 from serve_app.protocol import DONE, ChunkReply, ErrorReply, JSONReply, Reply, sse_error
 from serve_app.routing import decide, may_spill_after_failure
-from serve_app.streaming import coalesce
 
 logger = logging.getLogger(__name__)
 request_log = logging.getLogger("serve_app.requests")
@@ -298,20 +297,17 @@ class Dispatcher:
             self.finish(rec)
             return JSONResponse(first.body, headers=headers)
         return StreamingResponse(
-            self._stream(rec, first, gen, coalesce(gen), on_done),
+            self._stream(rec, first, gen, on_done),
             media_type="text/event-stream",
             headers={**headers, "cache-control": "no-cache"},
         )
 
     async def _stream(
-        self,
-        rec: RequestRecord,
-        first: ChunkReply,
-        gen: Any,
-        rest: AsyncIterator[Reply],
-        on_done: Callable[[bool], None],
+        self, rec: RequestRecord, first: ChunkReply, gen: Any, on_done: Callable[[bool], None]
     ) -> AsyncIterator[str]:
-        """Write the stream; `rest` is `gen` after the first item, with chunks that piled up merged."""
+        """Write the stream. Chunks are not merged here: the replica already merges what piles up, and a
+        second queue hop per chunk in the gateway cost ~25 % of the one-token-per-chunk ceiling
+        (bench/results/streaming_ceiling-gateway-merge-experiment)."""
         last = time.monotonic()
         ok = True
         item: Reply = first
@@ -339,13 +335,12 @@ class Dispatcher:
                     yield sse_error(item.status, item.body)
                     break
                 try:
-                    item = await rest.__anext__()
+                    item = await gen.__anext__()
                 except StopAsyncIteration:
                     break
         except (asyncio.CancelledError, GeneratorExit):
             rec.outcome, rec.status = "client_abort", 499
             _cancel(gen)
-            _close(rest)
             raise
         except Exception as err:
             ok = False
