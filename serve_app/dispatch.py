@@ -306,8 +306,7 @@ class Dispatcher:
         self, rec: RequestRecord, first: ChunkReply, gen: Any, on_done: Callable[[bool], None]
     ) -> AsyncIterator[str]:
         """Write the stream. Chunks are not merged here: the replica already merges what piles up, and a
-        second queue hop per chunk in the gateway cost ~25 % of the one-token-per-chunk ceiling
-        (bench/results/streaming_ceiling-gateway-merge-experiment)."""
+        second merge in the gateway made no measurable difference (bench/results/streaming_ceiling-*)."""
         last = time.monotonic()
         ok = True
         item: Reply = first
