@@ -17,8 +17,7 @@ from collections import Counter
 
 import httpx
 
-from bench.localapp import ROOT, running_app
-from serve_app.testing.gemini_standin import running_standin
+from bench.localapp import ROOT, running_app_with_standin
 
 
 def one(url: str, i: int) -> tuple[str, float, int]:
@@ -42,12 +41,10 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--concurrency", type=int, default=24)
     args = ap.parse_args()
-    with running_standin(api_key="demo-key", latency_ms=300, tokens_per_second=100) as standin:
-        env = {"GEMINI_API_KEY": "demo-key", "GEMINI_BASE_URL": standin.base_url}
-        with running_app(ROOT / "configs/local-spill.yaml", env) as url:
-            print(f"app ready at {url}; sending {args.requests} requests, {args.concurrency} at a time", flush=True)
-            with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
-                results = list(pool.map(lambda i: one(url, i), range(args.requests)))
+    with running_app_with_standin(ROOT / "configs/local-spill.yaml") as url:
+        print(f"app ready at {url}; sending {args.requests} requests, {args.concurrency} at a time", flush=True)
+        with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
+            results = list(pool.map(lambda i: one(url, i), range(args.requests)))
     served = Counter(r[0] for r in results)
     print("\nserved by     requests  share   TTFT p50")
     for path, n in sorted(served.items()):

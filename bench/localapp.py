@@ -14,6 +14,8 @@ from pathlib import Path
 
 import httpx
 
+from serve_app.testing.gemini_standin import running_standin
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -64,3 +66,13 @@ def running_app(config: Path, env: dict[str, str], timeout: float = 600) -> Iter
             app.wait(timeout=60)
         except subprocess.TimeoutExpired:
             app.kill()
+
+
+@contextlib.contextmanager
+def running_app_with_standin(config: Path) -> Iterator[str]:
+    """`running_app` with GEMINI_API_KEY / GEMINI_BASE_URL pointing at a Gemini stand-in with realistic
+    latency (300 ms to the first token, 100 tokens/s)."""
+    with running_standin(api_key="demo-key", latency_ms=300, tokens_per_second=100) as standin:
+        env = {"GEMINI_API_KEY": "demo-key", "GEMINI_BASE_URL": standin.base_url}
+        with running_app(config, env) as url:
+            yield url

@@ -12,8 +12,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 
-from bench.localapp import BIN, ROOT, running_app
-from serve_app.testing.gemini_standin import running_standin
+from bench.localapp import BIN, ROOT, running_app_with_standin
 
 
 def main() -> int:
@@ -22,33 +21,31 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=90)
     ap.add_argument("--peak-concurrency", type=int, default=24)
     args = ap.parse_args()
-    with running_standin(api_key="demo-key", latency_ms=300, tokens_per_second=100) as standin:
-        env = {"GEMINI_API_KEY": "demo-key", "GEMINI_BASE_URL": standin.base_url}
-        with running_app(ROOT / "configs/demo-sim-autoscale.yaml", env) as url:
-            cmd = [
-                str(BIN / "serve-app"),
-                "trace",
-                "--url",
-                url,
-                "--model",
-                "sim",
-                "--profile",
-                "step",
-                "--duration",
-                str(args.duration),
-                "--base-concurrency",
-                "2",
-                "--peak-concurrency",
-                str(args.peak_concurrency),
-                "--max-tokens",
-                "50",
-                "--dashboard-url",
-                "http://127.0.0.1:8265",
-                "--out",
-                args.out,
-            ]
-            print("$", " ".join(cmd[1:]), flush=True)
-            return subprocess.call(cmd)
+    with running_app_with_standin(ROOT / "configs/demo-sim-autoscale.yaml") as url:
+        cmd = [
+            str(BIN / "serve-app"),
+            "trace",
+            "--url",
+            url,
+            "--model",
+            "sim",
+            "--profile",
+            "step",
+            "--duration",
+            str(args.duration),
+            "--base-concurrency",
+            "2",
+            "--peak-concurrency",
+            str(args.peak_concurrency),
+            "--max-tokens",
+            "50",
+            "--dashboard-url",
+            "http://127.0.0.1:8265",
+            "--out",
+            args.out,
+        ]
+        print("$", " ".join(cmd[1:]), flush=True)
+        return subprocess.call(cmd)
 
 
 if __name__ == "__main__":
