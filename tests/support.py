@@ -40,3 +40,18 @@ def sim_pool(**overrides: Any) -> dict[str, Any]:
         else:
             pool[key] = value
     return pool
+
+
+def assert_not_in_ray_logs(secret: str) -> None:
+    """Fail if `secret` appears in any log file of the running local Ray session (all replicas' logs)."""
+    import glob
+    import os
+
+    import ray
+
+    logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
+    files = [p for p in glob.glob(os.path.join(logs, "**", "*"), recursive=True) if os.path.isfile(p)]
+    assert files, f"no Ray log files under {logs}"
+    for path in files:
+        with open(path, "rb") as f:
+            assert secret.encode() not in f.read(), path

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from tests.integration.conftest import TEST_KEYS, TEST_KEYS_ENV, deploy_declarative
-from tests.support import sim_pool, wait_for
+from tests.support import assert_not_in_ray_logs, sim_pool, wait_for
 
 APP = "gw"
 
@@ -102,5 +102,8 @@ def test_admin_pools_reports_load(gw_base: str) -> None:
 
 def test_keys_never_logged(gw_base: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    httpx.post(f"{gw_base}/chat/completions", json={"model": "slow"}, headers={"authorization": "Bearer sk-x"})
+    for key in (*TEST_KEYS, "sk-wrong-key-xyz"):
+        httpx.post(f"{gw_base}/chat/completions", json={"model": "slow"}, headers={"authorization": f"Bearer {key}"})
     assert not any(k in json.dumps([r.getMessage() for r in caplog.records]) for k in TEST_KEYS)
+    for key in (*TEST_KEYS, "sk-wrong-key-xyz"):  # the gateway replicas' own logs too
+        assert_not_in_ray_logs(key)

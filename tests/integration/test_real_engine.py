@@ -47,9 +47,8 @@ def test_streaming_with_usage(real_app: str) -> None:
     assert "Paris" in text
     usage = chunks[-1].usage
     assert usage is not None and chunks[-1].choices == []
-    assert usage.completion_tokens == sum(1 for c in chunks if c.choices and c.choices[0].delta.content) or (
-        usage.completion_tokens > 0
-    )
+    content_chunks = sum(1 for c in chunks if c.choices and c.choices[0].delta.content)
+    assert usage.completion_tokens >= content_chunks > 0  # one token per chunk at most, detokenizer may hold some
 
 
 def test_completions_and_models(client: openai.OpenAI) -> None:

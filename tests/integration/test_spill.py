@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
-import glob
 import json
-import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -17,7 +15,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from serve_app.testing.gemini_standin import StandIn, running_standin
 from tests.integration.conftest import GEMINI_TEST_KEY, GEMINI_TEST_KEY_ENV, deploy
-from tests.support import sim_pool, wait_for
+from tests.support import assert_not_in_ray_logs, sim_pool, wait_for
 
 APP = "spill"
 SPILL, HOSTED = "spilly", "gem"
@@ -211,12 +209,4 @@ def test_unsupported_feature_is_never_silently_degraded(base: str) -> None:
 def test_gemini_key_never_leaks(base: str, ray_cluster: dict[str, Any]) -> None:
     r = httpx.post(f"{base}/chat/completions", json={"model": HOSTED, "messages": [{"role": "user", "content": "k"}]})
     assert GEMINI_TEST_KEY not in r.text and GEMINI_TEST_KEY not in json.dumps(dict(r.headers))
-    import ray
-
-    logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
-    files = glob.glob(os.path.join(logs, "**", "*"), recursive=True)
-    assert files
-    for path in files:
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                assert GEMINI_TEST_KEY.encode() not in f.read(), path
+    assert_not_in_ray_logs(GEMINI_TEST_KEY)
