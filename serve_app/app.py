@@ -98,7 +98,7 @@ def build_app(args: dict[str, Any]) -> Application:
             name="Gateway",
             num_replicas=gw.num_replicas,
             max_ongoing_requests=gw.max_ongoing_requests,
-            ray_actor_options={"num_cpus": gw.num_cpus},
+            ray_actor_options={"num_cpus": gw.num_cpus, "resources": dict(gw.resources)},
             user_config=gateway_user_config(cfg),
         )
         .bind(pools, served, gw.model_dump(mode="json"))

@@ -227,6 +227,11 @@ class GatewayConfig(_Strict):
     max_body_bytes: int = Field(1_048_576, gt=0, description="Request bodies larger than this get 413.")
     num_replicas: int = Field(1, ge=1, description="Gateway replicas.")
     num_cpus: float = Field(0.25, ge=0, description="Logical CPUs per gateway replica.")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources per gateway replica (ray_actor_options.resources), e.g. "
+        "{gateway: 1} to pin replicas to nodes started with that resource (the KubeRay `gateway` group).",
+    )
     max_ongoing_requests: int = Field(1000, ge=1, description="Concurrent requests per gateway replica.")
     load_refresh_s: float = Field(0.5, gt=0, description="How often the gateway reads pool load.")
     log_request_text: bool = Field(False, description="Log prompts/completions in request logs (off: privacy).")
