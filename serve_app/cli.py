@@ -17,11 +17,11 @@ from serve_app.config import ConfigError, load_config
 # Modules that add sub-commands; a module that is not there yet is skipped.
 _TOOL_MODULES = (
     "serve_app.runner",
-    "serve_app.plan_cli",
-    "serve_app.cost_cli",
-    "serve_app.trace",
-    "serve_app.model_prep",
-    "serve_app.observe",
+    "serve_app.ops.plan_cli",
+    "serve_app.ops.cost_cli",
+    "serve_app.ops.trace",
+    "serve_app.ops.model_prep",
+    "serve_app.ops.observe",
 )
 
 

@@ -39,9 +39,9 @@ from vllm.usage.usage_lib import UsageContext
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from serve_app import model_prep
 from serve_app.config import PoolConfig, VLLMEngineArgs
 from serve_app.engines.vllm_support import TRACKER, LoadState, StreamAccounting, Tracker, apply_kv_cache_space, tracked
+from serve_app.ops import model_prep
 from serve_app.protocol import EngineLoad, ErrorReply, JSONReply, Reply, wants_usage
 
 logger = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from serve_app.observe import PrometheusHandle, start_prometheus
+from serve_app.ops.observe import PrometheusHandle, start_prometheus
 from serve_app.testing.gemini_standin import running_standin
 from tests.integration.conftest import GEMINI_TEST_KEY, GEMINI_TEST_KEY_ENV, deploy
 from tests.observability import has_value, is_vllm, load_dashboard, substitute, targets

@@ -157,8 +157,8 @@ def test_engine_reports_its_kv_capacity() -> None:
 
 
 def test_planner_agrees_with_the_engine_kv_figure() -> None:
-    from serve_app.plan import plan_cpu_kv_tokens
-    from serve_app.plan_model import load_model
+    from serve_app.ops.plan import plan_cpu_kv_tokens
+    from serve_app.ops.plan_model import load_model
 
     info = real_stats()  # the engine's own figure, read from the running vLLM engine
     spec = load_model(info["model"]).spec  # the prepared folder's config.json

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from serve_app.cli import main
-from serve_app.cost import (
+from serve_app.ops.cost import (
     REPLICAS_METRIC,
     REQUESTS_METRIC,
     TOKENS_METRIC,
@@ -31,8 +31,8 @@ from serve_app.cost import (
     request_counts,
     token_usage,
 )
-from serve_app.cost_cli import parse_window
-from serve_app.promtext import parse_samples
+from serve_app.ops.cost_cli import parse_window
+from serve_app.ops.promtext import parse_samples
 
 SNAPSHOT = f"""\
 # HELP {TOKENS_METRIC} Tokens served.

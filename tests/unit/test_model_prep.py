@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from serve_app import cli, model_prep
+from serve_app import cli
+from serve_app.ops import model_prep
 
 
 def fake_prepared(target: Path) -> Path:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from serve_app.cli import build_parser
-from serve_app.observe import render_config, start_prometheus
+from serve_app.ops.observe import render_config, start_prometheus
 from tests.observability import ROOT
 from tests.support import free_port, wait_for
 

@@ -11,7 +11,7 @@ import pytest
 
 from serve_app.cli import main
 from serve_app.config import VLLMEngineArgs
-from serve_app.plan import (
+from serve_app.ops.plan import (
     GiB,
     MiB,
     PlanInputs,
@@ -21,7 +21,7 @@ from serve_app.plan import (
     plan_cpu,
     plan_cpu_kv_tokens,
 )
-from serve_app.plan_model import (
+from serve_app.ops.plan_model import (
     ModelSpec,
     PlanError,
     QuantScheme,

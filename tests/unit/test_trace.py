@@ -19,8 +19,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from serve_app import trace
-from serve_app.trace_report import (
+from serve_app.ops import trace
+from serve_app.ops.trace_report import (
     BASE_COLUMNS,
     RequestRecord,
     Sample,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from serve_app.cost import Sample
+from serve_app.ops.cost import Sample
 
 
 def parse_samples(text: str) -> list[Sample]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from serve_app.plan import (
+from serve_app.ops.plan import (
     CPU_BLOCK_SIZE,
     DEFAULT_OVERHEAD_GIB,
     GPU_BLOCK_SIZE,
@@ -21,7 +21,7 @@ from serve_app.plan import (
     plan,
     plan_cpu,
 )
-from serve_app.plan_model import QUANT_CHOICES, PlanError, load_model, preset_names
+from serve_app.ops.plan_model import QUANT_CHOICES, PlanError, load_model, preset_names
 
 _KV_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2", "bfloat16", "float16")
 

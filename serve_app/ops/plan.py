@@ -16,7 +16,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from serve_app.plan_model import (
+from serve_app.ops.plan_model import (
     GiB,
     GpuSpec,
     MiB,

@@ -12,7 +12,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from serve_app.cost import (
+from serve_app.ops.cost import (
     REPLICAS_METRIC,
     REQUESTS_METRIC,
     ROUTE_SELF_HOSTED,
@@ -125,7 +125,7 @@ def from_prometheus(url: str, window: str, timeout: float) -> dict[str, Any]:
 
 
 def from_metrics_file(path: str) -> dict[str, Any]:
-    from serve_app.promtext import parse_samples
+    from serve_app.ops.promtext import parse_samples
 
     try:
         with open(path, encoding="utf-8") as f:

