@@ -19,8 +19,10 @@ from serve_app.config import AppConfig, parse_config
 
 REPO = Path(__file__).resolve().parents[2]
 KUBERAY = REPO / "kuberay"
-# CI lays shared/ beside the clone, exactly as it is beside the work tree: resolve it from the repo root.
-CRD_DIR = REPO.parent / "shared" / "kuberay-crds"
+# KubeRay's own CRD schema, vendored in the repository (kuberay/crds/v1.7.0/PROVENANCE.txt): the tests
+# never read outside the repository root, so they pass from any clone.
+KUBERAY_VERSION = "v1.7.0"
+CRD_DIR = KUBERAY / "crds" / KUBERAY_VERSION
 
 
 # ------------------------------------------------------------------------------------------ rendering

@@ -9,6 +9,7 @@ serve_app's parse_config, and the GPU / warm-pool arithmetic between the two.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import re
 from dataclasses import replace
@@ -23,7 +24,9 @@ from serve_app.config import AppConfig, PoolConfig, parse_config, parse_live_con
 from serve_app.ops.plan import PlanInputs, PlanResult, load_gpu, plan
 from serve_app.ops.plan_model import load_model
 from tests.unit.kuberay_manifests import (
+    CRD_DIR,
     KUBERAY,
+    KUBERAY_VERSION,
     app_config,
     cluster,
     crd_errors,
@@ -42,6 +45,17 @@ GPU_OVERLAYS = {"gke-l4": "nvidia-l4", "gke-l4-pvc": "nvidia-l4", "gke-h100": "n
 K8S_VERSION = "1.35"  # a GKE regular-channel version kubernetes-validate ships schemas for
 GPU = "nvidia.com/gpu"
 UPGRADE_TYPES = {"None", "NewCluster", "NewClusterWithIncrementalUpgrade"}  # KubeRay 1.7 validation
+
+
+def test_vendored_crd_matches_its_provenance() -> None:
+    # The schema every RayService is checked against is KubeRay's file byte for byte (PROVENANCE.txt).
+    provenance = (CRD_DIR / "PROVENANCE.txt").read_text()
+    assert f"KubeRay version: {KUBERAY_VERSION}" in provenance
+    files = sorted(p.name for p in CRD_DIR.glob("*.yaml"))
+    assert files == ["ray.io_rayservices.yaml"]
+    for name in files:
+        digest = hashlib.sha256((CRD_DIR / name).read_bytes()).hexdigest()
+        assert f"sha256: {digest}  {name}" in provenance, name
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

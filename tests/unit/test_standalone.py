@@ -1,0 +1,120 @@
+"""The repository tests itself from any clone: nothing in it may read beside the checkout.
+
+The KubeRay tests once read `../shared/kuberay-crds`, a folder that existed only beside our own work
+tree. This test copies the tracked files (what a clone holds) into an empty temporary directory — with
+no sibling folders — and runs the KubeRay unit tests there with the same interpreter; a static scan
+keeps tests/, bench/, the Makefile and .ci/ from naming paths outside the repository root.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+# A copy without git (e.g. a release tarball): copy the tree minus what a clone would not hold.
+UNTRACKED_DIRS = {".git", ".venv", "__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache", "build", "dist"}
+
+
+def tracked_files(root: Path) -> list[Path]:
+    """The files a clone holds: `git ls-files` (present in the work tree), else the tree minus caches."""
+    if (root / ".git").exists():
+        out = subprocess.run(
+            ["git", "-C", str(root), "ls-files", "-z"], capture_output=True, check=True, timeout=30
+        ).stdout.decode()
+        return [root / p for p in out.split("\0") if p and (root / p).is_file()]
+    return [
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and not UNTRACKED_DIRS & set(p.relative_to(root).parts)
+        and not any(part.endswith(".egg-info") for part in p.parts)
+    ]
+
+
+def copy_repo(dest: Path) -> Path:
+    copy = dest / "clone"
+    for src in tracked_files(REPO):
+        target = copy / src.relative_to(REPO)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, target)
+    return copy
+
+
+def run_in(copy: Path, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    # The copy's root first on the import path: its serve_app and tests shadow the editable install.
+    env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "PYTEST_ADDOPTS"}}
+    env["PYTHONPATH"] = str(copy)
+    return subprocess.run(
+        [sys.executable, *args], cwd=copy, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def test_kuberay_tests_pass_from_a_copy_in_an_empty_directory(tmp_path: Path) -> None:
+    copy = copy_repo(tmp_path)
+    assert not (tmp_path / "shared").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["clone"]
+    # The copy really is what runs: serve_app, the manifests and the CRD schema all resolve inside it.
+    probe = run_in(
+        copy,
+        "-c",
+        "import serve_app, tests.unit.kuberay_manifests as m; print(serve_app.__file__); print(m.CRD_DIR)",
+        timeout=60,
+    )
+    assert probe.returncode == 0, probe.stderr
+    for line in probe.stdout.split():
+        assert Path(line).resolve().is_relative_to(copy.resolve()), line
+    test_file = str(copy / "tests/unit/test_kuberay.py")
+    result = run_in(copy, "-m", "pytest", test_file, "-q", "-p", "no:cacheprovider", timeout=120)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert re.search(r"\b\d+ passed\b", result.stdout) and " failed" not in result.stdout, result.stdout[-2000:]
+
+
+# What a path escaping the repository looks like in code and Makefiles. Comments and prose are fine.
+ESCAPES = [
+    re.compile(r"\.parent\s*\.\s*parent\s*\.\s*parent"),  # Path(__file__).parent x3 from tests/unit/x.py
+    re.compile(r"\bREPO\.parent\b|\bROOT\.parent\b|\.parents\[[3-9]\]"),
+    re.compile(r"""["'/ ]\.\./"""),  # "../", '../', a/../, ` ../` in a shell line
+    re.compile(r"""["']\.\.["']"""),  # Path(...) / ".."
+    re.compile(r"\bshared/kuberay|/work/"),
+]
+SCANNED = ("tests", "bench", "Makefile", ".ci")
+
+
+def scanned_files() -> list[Path]:
+    files = []
+    for name in SCANNED:
+        path = REPO / name
+        if path.is_file():
+            files.append(path)
+        elif path.is_dir():
+            files += [p for p in path.rglob("*") if p.is_file() and p.suffix in {"", ".py", ".sh", ".toml", ".mk"}]
+    tracked = set(tracked_files(REPO))
+    return [p for p in files if p in tracked and p.name != "test_standalone.py"]
+
+
+def escapes(text: str) -> list[str]:
+    hits = []
+    for number, line in enumerate(text.splitlines(), 1):
+        code = line.split("#", 1)[0]  # Python, shell and make comments
+        hits += [f"{number}: {line.strip()}" for pattern in ESCAPES if pattern.search(code)]
+    return hits
+
+
+def test_no_test_bench_make_or_ci_file_reaches_outside_the_repository() -> None:
+    files = scanned_files()
+    assert REPO / "Makefile" in files and REPO / ".ci/run" in files and len(files) > 20
+    found = {str(p.relative_to(REPO)): hits for p in files if (hits := escapes(p.read_text(errors="replace")))}
+    assert found == {}
+
+
+def test_escape_patterns_catch_the_old_path() -> None:
+    # The scan can fail: the line the KubeRay tests used to have, and its variants, are caught.
+    assert escapes('CRD_DIR = REPO.parent / "shared" / "kuberay-crds"')
+    assert escapes('X = Path(__file__).parent.parent.parent / "shared"')
+    assert escapes("\tcp ../shared/kuberay-crds/*.yaml kuberay/")
+    assert escapes("root = Path(__file__).resolve().parents[3]")
+    assert not escapes("REPO = Path(__file__).resolve().parents[2]  # ../shared is not read")
