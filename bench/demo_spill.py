@@ -3,37 +3,44 @@
     make demo-spill        (or: .venv/bin/python -m bench.demo_spill [--requests 48] [--concurrency 24])
 
 Starts the stand-in on 127.0.0.1, serves the app with GEMINI_API_KEY / GEMINI_BASE_URL pointing at it,
-sends a burst of concurrent streaming requests, and prints how many each path served (header
-x-served-by) and the time to first token on each. Stops everything by pid at the end.
+sends a burst of concurrent streaming requests (the shared SSE client, serve_app.ops.sse_client), and
+prints how many each path served (header x-served-by) and the time to first token (first chunk that
+carries output) on each. Stops everything by pid at the end.
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
+import asyncio
 import statistics
-import time
 from collections import Counter
 
 import httpx
 
 from bench.localapp import ROOT, running_app_with_standin
+from serve_app.ops.sse_client import StreamStats, stream_post
 
 
-def one(url: str, i: int) -> tuple[str, float, int]:
-    body = {
+def body(i: int) -> dict[str, object]:
+    return {
         "model": "smollm2",
         "messages": [{"role": "user", "content": f"Tell me a fact about number {i}."}],
         "max_tokens": 48,
         "stream": True,
+        "stream_options": {"include_usage": True},
     }
-    started = time.monotonic()
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=300) as r:
-        ttft = 0.0
-        for line in r.iter_lines():
-            if line.startswith("data: ") and not ttft:
-                ttft = time.monotonic() - started
-        return r.headers.get("x-served-by", f"error {r.status_code}"), ttft, r.status_code
+
+
+async def burst(url: str, requests: int, concurrency: int) -> list[StreamStats]:
+    gate = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(300, connect=10), limits=limits) as client:
+
+        async def one(i: int) -> StreamStats:
+            async with gate:
+                return await stream_post(client, f"{url}/v1/chat/completions", body(i))
+
+        return list(await asyncio.gather(*(one(i) for i in range(requests))))
 
 
 def main() -> int:
@@ -43,15 +50,15 @@ def main() -> int:
     args = ap.parse_args()
     with running_app_with_standin(ROOT / "configs/local-spill.yaml") as url:
         print(f"app ready at {url}; sending {args.requests} requests, {args.concurrency} at a time", flush=True)
-        with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
-            results = list(pool.map(lambda i: one(url, i), range(args.requests)))
-    served = Counter(r[0] for r in results)
+        results = asyncio.run(burst(url, args.requests, args.concurrency))
+    served = Counter(r.served_by or f"error {r.status}" for r in results)
     print("\nserved by     requests  share   TTFT p50")
     for path, n in sorted(served.items()):
-        ttfts = [r[1] for r in results if r[0] == path]
-        print(f"{path:<13} {n:>8}  {n / len(results):>5.0%}   {statistics.median(ttfts):.2f} s")
-    failed = sum(1 for r in results if r[2] != 200)
-    print(f"failed: {failed}")
+        ttfts = [r.ttft_s for r in results if (r.served_by or f"error {r.status}") == path and r.ttft_s is not None]
+        p50 = f"{statistics.median(ttfts):.2f} s" if ttfts else "-"
+        print(f"{path:<13} {n:>8}  {n / len(results):>5.0%}   {p50}")
+    failed = [r for r in results if not r.ok]
+    print(f"failed: {len(failed)}" + (f" (first: {failed[0].error})" if failed else ""))
     return 1 if failed else 0
 
 

@@ -149,7 +149,7 @@ def measure(
         logger.info("%s %s streams=%d: %.0f tok/s, cores %s", system, kind, streams, tps, row["cores"])
         rows.append(row)
     res = asyncio.run(probe(url, 5))
-    gaps = [g for r in res for g in r.gaps_s]
+    gaps = [g for r in res for g in r.itl_s]
     rows.append(
         {
             "system": system,

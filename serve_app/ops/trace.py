@@ -8,7 +8,8 @@ is a CSV (one row per second) and a PNG with the series on one time axis (serve_
 
 The run is bounded: no request starts after --duration or beyond --max-requests, in-flight requests get
 --drain seconds to finish and are then cancelled (counted as neither success nor error).
-Tokens are counted per content chunk (one token per chunk from vLLM); when the final usage chunk
+Streams are read by the shared client (serve_app.ops.sse_client: one TTFT/ITL definition for every load
+tool). Tokens are counted per output chunk (one token per chunk from vLLM); when the final usage chunk
 reports more completion tokens (hosted chunks carry several), the difference is added at the end.
 """
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -29,6 +29,7 @@ from typing import Any
 
 import httpx
 
+from serve_app.ops.sse_client import StreamRecorder, StreamStats, stream_post
 from serve_app.ops.trace_report import (
     PROFILES,
     Profile,
@@ -93,19 +94,14 @@ def read_ray_token(path: Path | None) -> str | None:
     return token or None
 
 
-def _chunk_tokens(data: dict[str, Any]) -> tuple[int, int | None, str | None]:
-    """(content chunks, completion tokens from usage, error message) of one SSE event."""
-    if "error" in data:
-        err = data["error"]
-        return 0, None, str(err.get("message") if isinstance(err, dict) else err)
-    pieces = 0
-    for choice in data.get("choices") or []:
-        delta = choice.get("delta") or {}
-        if delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls"):
-            pieces += 1
-    usage = data.get("usage")
-    completion = usage.get("completion_tokens") if isinstance(usage, dict) else None
-    return pieces, completion if isinstance(completion, int) else None, None
+def _copy_stats(stats: StreamStats, rec: RequestRecord, now: float) -> None:
+    """The shared client's view of one stream into the trace's record: tokens per output chunk, plus the
+    difference when the final usage reports more completion tokens (hosted chunks carry several)."""
+    rec.served_by = stats.served_by
+    rec.first_token = stats.first_output_at
+    rec.tokens = list(stats.chunks)
+    if stats.usage_tokens is not None and stats.usage_tokens > stats.pieces:
+        rec.tokens.append((now, stats.usage_tokens - stats.pieces))
 
 
 class Tracer:
@@ -184,40 +180,16 @@ class Tracer:
 
     async def _request(self, rec: RequestRecord, n: int) -> None:
         url = self.opts.url.rstrip("/") + "/v1/chat/completions"
-        pieces, usage = 0, None
+        stream = StreamRecorder(rec.start, record_itl=False, record_chunks=True)
         try:
-            async with self.client.stream("POST", url, json=self._body(n), headers=self._headers) as resp:
-                rec.served_by = resp.headers.get("x-served-by")
-                if resp.status_code >= 400:
-                    await resp.aread()
-                    rec.error = f"HTTP {resp.status_code}"
-                    return
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    payload = line[5:].strip()
-                    if payload == "[DONE]":
-                        break
-                    k, total, err = _chunk_tokens(json.loads(payload))
-                    if err is not None:
-                        rec.error = "stream error"
-                        return
-                    if k:
-                        t = self.now()
-                        if rec.first_token is None:
-                            rec.first_token = t
-                        rec.tokens.append((t, k))
-                        pieces += k
-                    usage = total if total is not None else usage
-            if usage is not None and usage > pieces:
-                rec.tokens.append((self.now(), usage - pieces))
+            stats = await stream_post(self.client, url, self._body(n), self._headers, self.now, stream)
         except asyncio.CancelledError:
             rec.cancelled = True
             raise
-        except (httpx.HTTPError, json.JSONDecodeError) as exc:
-            rec.error = type(exc).__name__
         finally:
             rec.end = self.now()
+            _copy_stats(stream.stats, rec, rec.end)
+        rec.error = stats.error
 
     async def _poll_loop(self) -> None:
         second = 0
