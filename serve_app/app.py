@@ -66,10 +66,16 @@ def serve_config(cfg: AppConfig, name: str = "serve_app", route_prefix: str = "/
     """A Serve config (for `serve deploy`, `serve run` or KubeRay serveConfigV2) that uses build_app.
 
     Engines and gateway options go into `args`; the route table and Gemini settings go into the Gateway's
-    `user_config` override. Serve hashes `args` into the application's code version, so a change there
-    restarts every replica; a `user_config` change only calls Gateway.reconfigure (engines keep running).
+    `user_config` override and each pool's autoscaling into its own deployment override. Serve hashes
+    `args` into the application's code version, so a change there restarts every replica; a `user_config`
+    change only calls Gateway.reconfigure, and an autoscaling bound change only updates the controller
+    (engines keep running).
     """
-    args = cfg.model_dump(mode="json", exclude={"routes", "gemini"}, exclude_defaults=True)
+    args = cfg.model_dump(
+        mode="json",
+        exclude={"routes": True, "gemini": True, "pools": {"__all__": {"deployment": {"autoscaling"}}}},
+        exclude_defaults=True,
+    )
     return {
         "applications": [
             {
@@ -77,10 +83,32 @@ def serve_config(cfg: AppConfig, name: str = "serve_app", route_prefix: str = "/
                 "route_prefix": route_prefix,
                 "import_path": "serve_app.app:build_app",
                 "args": args,
-                "deployments": [{"name": "Gateway", "user_config": gateway_user_config(cfg)}],
+                "deployments": [
+                    {"name": "Gateway", "user_config": gateway_user_config(cfg)},
+                    *pool_autoscaling_overrides(cfg),
+                ],
             }
         ]
     }
+
+
+def pool_autoscaling_overrides(cfg: AppConfig) -> list[dict[str, Any]]:
+    """Per-deployment `autoscaling_config` overrides: bounds change without touching `args`.
+
+    Serve applies a deployment override's autoscaling_config in place (no replica restart) unless its
+    `policy` changes; see serve_app.autoscaling (LIVE_FIELDS) for what is live.
+    """
+    from serve_app.autoscaling import ray_autoscaling_config
+
+    return [
+        {
+            "name": f"LLMServer-{name}",
+            "num_replicas": None,  # build_app saw no autoscaling in args and set a fixed count
+            "autoscaling_config": ray_autoscaling_config(pool.deployment.autoscaling),
+        }
+        for name, pool in cfg.pools.items()
+        if pool.deployment.autoscaling is not None
+    ]
 
 
 def build_app(args: dict[str, Any]) -> Application:

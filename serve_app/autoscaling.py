@@ -7,11 +7,31 @@ controller every `metrics_interval_s`, and hands them to the policy as `ctx.raw_
 (lists of TimeStampedValue). We read the raw series rather than `ctx.aggregated_metrics` because we need
 the timestamps: the newest sample's age is how we tell a silent replica from an idle one.
 
+All demand is demand: the gateways also report, through every replica, the pool's requests they sent
+to Gemini (`spilled_ongoing`, `spilled_tokens_per_s`: pool-wide, so the max over replicas, not the sum).
 Arithmetic (`desired_replicas`):
-  queue_depth        ceil(sum(waiting + running) / target_ongoing_per_replica)
-  tokens_per_second  ceil(sum(demand_tokens_per_s) / (capacity_per_replica x target_utilization)), capacity
-                     = the configured value, else learned (see below), else queue_depth arithmetic.
-The result is clamped to [min_replicas, max_replicas].
+  queue_depth        ceil((sum(waiting + running) + spilled_ongoing) / target_ongoing_per_replica)
+  tokens_per_second  ceil((sum(demand_tokens_per_s) + spilled_tokens_per_s) / (capacity_per_replica x
+                     target_utilization)), capacity = the configured value, else learned (see below), else
+                     queue_depth arithmetic.
+The result is clamped to [min_replicas, max_replicas], so a step to N x capacity asks for the replicas it
+needs in one decision. Every change is logged as one JSON line (`decision_log_line`) in the controller log.
+
+Live bounds. min/max/initial replicas and the queue target travel in Ray's own autoscaling_config fields
+(`target_ongoing_requests` carries target_ongoing_per_replica) and the policy reads them from the context
+every tick, so a Serve config edit of those updates the controller in place (Ray 2.60: autoscaling_config
+is a NeedsActorReconfigure option, no restart). policy_kwargs carry the rest: Serve hashes a deployment
+override's `policy` into the application's code version (deploy_utils.get_app_code_version), so changing
+the policy kind, tokens/s targets, delays or stale_after_s restarts the pool's replicas.
+
+Zero replicas. With no running replica there are no replica metrics. In Ray 2.60 the wrapper around a
+custom policy (autoscaling_policy._apply_autoscaling_config) first checks `current_num_replicas == 0 and
+total_num_requests > 0` and then returns 1 replica without calling us; `total_num_requests` includes
+requests queued at any DeploymentHandle, and a handle pushes its queue to the controller at once when the
+deployment has zero replicas (router.py wrap_queued_request). So a caller wakes a pool at zero by sending
+it any request (the gateway uses the no-op `LLMServer.wake`), and keeps it pending until it is served.
+Without queued requests we are called and hold at zero (the same decision is in `desired_replicas` for a
+Ray that stops short-cutting).
 
 Learned capacity is the highest `capacity_tokens_per_s` reported by a replica *that had a waiting queue*
 at the time, kept in the policy state. Only a saturated replica's throughput is its ceiling; learning
@@ -40,17 +60,20 @@ This module imports nothing from serve_app at run time: Ray cloudpickles it by v
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from serve_app.config import AutoscalingConfig
 
 logger = logging.getLogger(__name__)
+# Decision lines go to Ray Serve's logger: inside the controller that is the one with a handler (its log).
+_decision_logger = logging.getLogger("ray.serve")
 
 # Keys of LLMServer.record_autoscaling_stats() (all floats).
 WAITING = "waiting"  # requests in the engine scheduler's waiting queue
@@ -59,7 +82,13 @@ KV_CACHE_USAGE = "kv_cache_usage"  # 0..1
 TOKENS_PER_S = "tokens_per_s"  # generated tokens/s over the last few seconds
 DEMAND_TOKENS_PER_S = "demand_tokens_per_s"  # tokens/s the replica would generate with room for all
 CAPACITY_TOKENS_PER_S = "capacity_tokens_per_s"  # highest tokens/s seen over a window; 0 until known
-STAT_KEYS = (WAITING, RUNNING, KV_CACHE_USAGE, TOKENS_PER_S, DEMAND_TOKENS_PER_S, CAPACITY_TOKENS_PER_S)
+# Pool-wide (the same value on every replica; the policy takes the max, never the sum): demand the
+# gateways currently send to Gemini because the pool was saturated, degraded or at zero.
+SPILLED_ONGOING = "spilled_ongoing"  # spilled requests in flight
+SPILLED_TOKENS_PER_S = "spilled_tokens_per_s"  # tokens/s those spilled requests generate
+REQUIRED_STAT_KEYS = (WAITING, RUNNING, KV_CACHE_USAGE, TOKENS_PER_S, DEMAND_TOKENS_PER_S, CAPACITY_TOKENS_PER_S)
+SPILL_STAT_KEYS = (SPILLED_ONGOING, SPILLED_TOKENS_PER_S)  # optional: older replicas do not report them
+STAT_KEYS = REQUIRED_STAT_KEYS + SPILL_STAT_KEYS  # everything a current replica reports
 
 POLICY_PATH = "serve_app.autoscaling:LoadPolicy"
 STATE_KEY = "serve_app"  # our entry in Ray's policy_state (Ray keeps its own keys beside it)
@@ -124,6 +153,8 @@ class ReplicaLoad:
     tokens_per_s: float = 0.0
     demand_tokens_per_s: float = 0.0
     capacity_tokens_per_s: float = 0.0
+    spilled_ongoing: float = 0.0  # pool-wide, as this replica last heard it
+    spilled_tokens_per_s: float = 0.0  # pool-wide
 
 
 @dataclass(frozen=True)
@@ -134,6 +165,7 @@ class PolicyState:
     down_since: float | None = None  # when the current wish to scale down started
     learned_capacity_tokens_per_s: float = 0.0  # per replica, from saturated replicas only
     reason: str = ""  # why the last decision came out as it did (for logs)
+    inputs: dict[str, float] = field(default_factory=dict)  # the numbers behind `reason` (for logs)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -157,20 +189,32 @@ def _clamp(n: int, cfg: PolicySettings) -> int:
     return max(cfg.min_replicas, min(cfg.max_replicas, n))
 
 
-def _load_desire(cfg: PolicySettings, fresh: Sequence[ReplicaLoad], learned: float) -> tuple[int, str]:
-    """Replicas the visible load asks for (unclamped) and a short explanation."""
+def _load_desire(
+    cfg: PolicySettings, fresh: Sequence[ReplicaLoad], learned: float
+) -> tuple[int, str, dict[str, float]]:
+    """Replicas the visible load asks for (unclamped), a short explanation and its inputs.
+
+    Spilled demand is pool-wide (every replica reports the same gateway-side figure), so it is the max
+    over replicas, added once to the pool's own demand.
+    """
     ongoing = sum(o.waiting + o.running for o in fresh)
-    queue_based = _ceil(ongoing / cfg.target_ongoing_per_replica)
-    queue_reason = f"ongoing {ongoing:.1f} / target {cfg.target_ongoing_per_replica:g} per replica"
+    spilled = max(o.spilled_ongoing for o in fresh)
+    inputs = {"replicas_fresh": float(len(fresh)), "ongoing": ongoing, "spilled_ongoing": spilled}
+    target = cfg.target_ongoing_per_replica
+    queue_based = _ceil((ongoing + spilled) / target)
+    queue_reason = f"ongoing {ongoing:.1f} + spilled {spilled:.1f} / target {target:g} per replica"
     if cfg.policy != "tokens_per_second":
-        return queue_based, queue_reason
+        return queue_based, queue_reason, inputs
     capacity = cfg.target_tokens_per_second_per_replica or learned
     if capacity <= 0:
-        return queue_based, f"capacity not learned yet; {queue_reason}"
+        return queue_based, f"capacity not learned yet; {queue_reason}", inputs
     demand = sum(o.demand_tokens_per_s for o in fresh)
+    spilled_tps = max(o.spilled_tokens_per_s for o in fresh)
+    inputs.update(demand_tokens_per_s=demand, spilled_tokens_per_s=spilled_tps, capacity_tokens_per_s=capacity)
     source = "configured" if cfg.target_tokens_per_second_per_replica else "learned"
-    wanted = _ceil(demand / (capacity * cfg.target_utilization))
-    return wanted, (f"demand {demand:.1f} tok/s / ({source} capacity {capacity:.1f} x {cfg.target_utilization:g})")
+    wanted = _ceil((demand + spilled_tps) / (capacity * cfg.target_utilization))
+    why = f"demand {demand:.1f} + spilled {spilled_tps:.1f} tok/s / ({source} capacity {capacity:.1f} x "
+    return wanted, why + f"{cfg.target_utilization:g})", inputs
 
 
 def desired_replicas(
@@ -179,11 +223,14 @@ def desired_replicas(
     current_replicas: int,
     state: PolicyState,
     now: float,
+    queued_at_handles: float = 0.0,
 ) -> tuple[int, PolicyState]:
     """Decide the replica target.
 
     `observations` has one entry per running replica (None: it has not reported). `current_replicas` is
-    the present target. Returns the new target and the state to pass in on the next call.
+    the present target. `queued_at_handles` is what Ray counts as queued at the callers' handles (the
+    gateway's `wake()` calls while the pool is at zero). Returns the new target and the state to pass in
+    on the next call.
     """
     fresh = [o for o in observations.values() if o is not None and now - o.timestamp <= cfg.stale_after_s]
     blind = len(observations) - len(fresh)  # running replicas we cannot see
@@ -193,28 +240,34 @@ def desired_replicas(
     )
     base = _clamp(current_replicas, cfg)  # bounds are hard limits, never delayed
     if not fresh:
+        if not observations and base == 0 and queued_at_handles > 0:
+            # Ray 2.60 takes its own cold-start path before calling us in this case; this is the same
+            # decision for a Ray that does not.
+            return _clamp(1, cfg), PolicyState(None, None, learned, "wake: requests queued at zero replicas")
         why = "no metrics" if not observations else f"no fresh metrics from {blind} replica(s)"
         return base, PolicyState(None, None, learned, f"hold: {why}")
 
-    wanted, why = _load_desire(cfg, fresh, learned)
+    wanted, why, inputs = _load_desire(cfg, fresh, learned)
+    inputs["replicas_blind"] = float(blind)
     target = _clamp(wanted, cfg)
     if target > base:
         up_since = state.up_since if state.up_since is not None else now
         if now - up_since >= cfg.upscale_delay_s:
-            return target, PolicyState(None, None, learned, f"up {base}->{target}: {why}")
-        return base, PolicyState(up_since, None, learned, f"up to {target} pending: {why}")
+            return target, PolicyState(None, None, learned, f"up {base}->{target}: {why}", inputs)
+        return base, PolicyState(up_since, None, learned, f"up to {target} pending: {why}", inputs)
     if target < base:
         if blind:
-            return base, PolicyState(None, None, learned, f"hold: {blind} replica(s) without fresh metrics")
+            reason = f"hold: {blind} replica(s) without fresh metrics"
+            return base, PolicyState(None, None, learned, reason, inputs)
         down_since = state.down_since if state.down_since is not None else now
         if now - down_since >= cfg.downscale_delay_s:
             if target == 0 and base > 1:
                 # Ray only goes to zero from one replica; keep the timer so 1 -> 0 follows on the next
                 # tick instead of waiting a second full delay.
-                return 1, PolicyState(None, down_since, learned, f"down {base}->1 (then 0): {why}")
-            return target, PolicyState(None, None, learned, f"down {base}->{target}: {why}")
-        return base, PolicyState(None, down_since, learned, f"down to {target} pending: {why}")
-    return base, PolicyState(None, None, learned, f"steady: {why}")
+                return 1, PolicyState(None, down_since, learned, f"down {base}->1 (then 0): {why}", inputs)
+            return target, PolicyState(None, None, learned, f"down {base}->{target}: {why}", inputs)
+        return base, PolicyState(None, down_since, learned, f"down to {target} pending: {why}", inputs)
+    return base, PolicyState(None, None, learned, f"steady: {why}", inputs)
 
 
 # ------------------------------------------------------------------------------------------ Ray side
@@ -230,7 +283,11 @@ def _series_stats(series: Any, peak: bool) -> tuple[float, float] | None:
 def observations_from_raw(
     raw: Mapping[str, Mapping[Any, Any]] | None, replicas: Sequence[Any]
 ) -> dict[str, ReplicaLoad | None]:
-    """Per running replica, its ReplicaLoad from Ray's raw metric series (None if any stat is absent)."""
+    """Per running replica, its ReplicaLoad from Ray's raw metric series.
+
+    None if a required stat is absent. The spill stats are optional (a replica of an older version does
+    not report them: 0); when present they count towards the replica's age like any other stat.
+    """
     out: dict[str, ReplicaLoad | None] = {}
     raw = raw or {}
     for rid in replicas:
@@ -239,19 +296,59 @@ def observations_from_raw(
         for key in STAT_KEYS:
             got = _series_stats(raw.get(key, {}).get(rid), peak=key == CAPACITY_TOKENS_PER_S)
             if got is None:
-                break
+                if key in REQUIRED_STAT_KEYS:
+                    break
+                continue
             oldest = min(oldest, got[0])
             values[key] = got[1]
         name = str(getattr(rid, "unique_id", rid))
-        out[name] = ReplicaLoad(timestamp=oldest, **values) if len(values) == len(STAT_KEYS) else None
+        complete = all(k in values for k in REQUIRED_STAT_KEYS)
+        out[name] = ReplicaLoad(timestamp=oldest, **values) if complete else None
     return out
+
+
+def _live_params(params: PolicyParams, ctx: Any) -> PolicyParams:
+    """The bounds and the queue target from Ray's own config fields (updated without a restart)."""
+    cfg = getattr(ctx, "config", None)
+    target = getattr(cfg, "target_ongoing_requests", None) or params.target_ongoing_per_replica
+    lo = getattr(ctx, "capacity_adjusted_min_replicas", None)
+    hi = getattr(ctx, "capacity_adjusted_max_replicas", None)
+    return replace(
+        params,
+        min_replicas=params.min_replicas if lo is None else int(lo),
+        max_replicas=params.max_replicas if hi is None else int(hi),
+        target_ongoing_per_replica=float(target),
+    )
+
+
+def decision_log_line(deployment: str, before: int, after: int, params: PolicyParams, state: PolicyState) -> str:
+    """One JSON object per scale decision (the controller log's explanation of the change)."""
+    return json.dumps(
+        {
+            "event": "serve_app.autoscaling.decision",
+            "deployment": deployment,
+            "from": before,
+            "to": after,
+            "reason": state.reason,
+            "inputs": {
+                **state.inputs,
+                "policy": params.policy,
+                "min_replicas": params.min_replicas,
+                "max_replicas": params.max_replicas,
+                "target_ongoing_per_replica": params.target_ongoing_per_replica,
+                "learned_capacity_tokens_per_s": state.learned_capacity_tokens_per_s,
+            },
+        },
+        sort_keys=True,
+    )
 
 
 class LoadPolicy:
     """The Ray Serve custom policy (`policy_function: serve_app.autoscaling:LoadPolicy`).
 
-    Ray instantiates the class once with `policy_kwargs` (the pool's AutoscalingConfig as JSON) and calls
-    it with an AutoscalingContext every control-loop tick (0.1 s), so the call only reshapes data.
+    Ray instantiates the class once per (re)registration with `policy_kwargs` (see
+    `ray_autoscaling_config`) and calls it with an AutoscalingContext every control-loop tick (0.1 s),
+    so the call only reshapes data.
     """
 
     def __init__(self, **policy_kwargs: Any) -> None:
@@ -261,20 +358,18 @@ class LoadPolicy:
 
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
         now = ctx.current_time if ctx.current_time is not None else time.time()
+        params = _live_params(self._params, ctx)
         observations = observations_from_raw(ctx.raw_metrics, ctx.running_replicas)
         previous = ctx.policy_state.get(STATE_KEY)
+        queued = float(getattr(ctx, "total_num_requests", 0.0) or 0.0) if not observations else 0.0
         decision, state = desired_replicas(
-            self._params, observations, ctx.target_num_replicas, PolicyState.from_dict(previous), now
+            params, observations, ctx.target_num_replicas, PolicyState.from_dict(previous), now, queued
         )
         change = (ctx.target_num_replicas, decision)
         if decision != ctx.target_num_replicas and change != self._last_logged:
             self._last_logged = change
-            logger.info(
-                "autoscaling %s: %d -> %d replicas (%s)",
-                ctx.deployment_name,
-                ctx.target_num_replicas,
-                decision,
-                state.reason,
+            _decision_logger.info(
+                "%s", decision_log_line(ctx.deployment_name, ctx.target_num_replicas, decision, params, state)
             )
         return decision, {STATE_KEY: state.to_dict()}
 
@@ -283,18 +378,32 @@ def look_back_period_s(cfg: AutoscalingConfig) -> float:
     return LOOK_BACK_INTERVALS * cfg.metrics_interval_s
 
 
+# What changes through Ray's own autoscaling_config fields (no restart) rather than policy_kwargs (Serve
+# hashes a deployment override's `policy` into the application's code version: a change restarts every
+# replica, ray/serve/_private/deploy_utils.py get_app_code_version).
+LIVE_FIELDS = frozenset({"min_replicas", "max_replicas", "initial_replicas", "target_ongoing_per_replica"})
+
+
 def ray_autoscaling_config(cfg: AutoscalingConfig) -> dict[str, Any]:
-    """The `autoscaling_config` dict for `@serve.deployment` / `.options()` of one LLMServer pool."""
+    """The `autoscaling_config` dict for one LLMServer pool (deployment options or a Serve config override).
+
+    Bounds and the queue target go into Ray's fields, which Serve updates in place; policy_kwargs carry
+    only the rest (policy kind, tokens/s targets, delays, staleness).
+    """
     out: dict[str, Any] = {
         "min_replicas": cfg.min_replicas,
         "max_replicas": cfg.max_replicas,
+        "target_ongoing_requests": cfg.target_ongoing_per_replica,
         "metrics_interval_s": cfg.metrics_interval_s,
         "look_back_period_s": look_back_period_s(cfg),
         # Our policy applies the delays itself (see the module docstring); Ray's must not add to them.
         "upscale_delay_s": 0.0,
         "downscale_delay_s": 0.0,
         "downscale_to_zero_delay_s": 0.0,
-        "policy": {"policy_function": POLICY_PATH, "policy_kwargs": cfg.model_dump(mode="json")},
+        "policy": {
+            "policy_function": POLICY_PATH,
+            "policy_kwargs": cfg.model_dump(mode="json", exclude=set(LIVE_FIELDS | {"metrics_interval_s"})),
+        },
     }
     if cfg.initial_replicas is not None:
         out["initial_replicas"] = cfg.initial_replicas

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,10 @@ from serve_app.autoscaling import (
     CAPACITY_TOKENS_PER_S,
     DEMAND_TOKENS_PER_S,
     KV_CACHE_USAGE,
+    LIVE_FIELDS,
     RUNNING,
+    SPILLED_ONGOING,
+    SPILLED_TOKENS_PER_S,
     STATE_KEY,
     TOKENS_PER_S,
     WAITING,
@@ -21,6 +25,7 @@ from serve_app.autoscaling import (
     PolicyParams,
     PolicyState,
     ReplicaLoad,
+    decision_log_line,
     desired_replicas,
     observations_from_raw,
     ray_autoscaling_config,
@@ -43,7 +48,13 @@ def cfg(**kw: Any) -> AutoscalingConfig:
 
 
 def load(
-    waiting: float = 0, running: float = 0, demand: float = 0, capacity: float = 0, age: float = 1.0
+    waiting: float = 0,
+    running: float = 0,
+    demand: float = 0,
+    capacity: float = 0,
+    age: float = 1.0,
+    spilled: float = 0,
+    spilled_tps: float = 0,
 ) -> ReplicaLoad:
     return ReplicaLoad(
         timestamp=NOW - age,
@@ -52,6 +63,8 @@ def load(
         tokens_per_s=demand,
         demand_tokens_per_s=demand,
         capacity_tokens_per_s=capacity,
+        spilled_ongoing=spilled,
+        spilled_tokens_per_s=spilled_tps,
     )
 
 
@@ -135,6 +148,54 @@ CASES: list[tuple[str, dict[str, Any], dict[str, ReplicaLoad | None], int, Polic
     ),
     ("tps not learned: queue arithmetic", TPS, obs(load(running=20, demand=500)), 1, S, 3),
     ("tps idle with learned capacity", TPS, obs(IDLE, IDLE), 2, PolicyState(learned_capacity_tokens_per_s=100), 1),
+    # spilled demand (pool-wide: the same figure on every replica, counted once)
+    ("spilled requests count as demand", {}, obs(load(running=8, spilled=8)), 1, S, 2),
+    ("spilled is pool-wide: max, not sum", {}, obs(load(running=8, spilled=8), load(running=8, spilled=8)), 2, S, 3),
+    (
+        "replicas may disagree briefly: the max",
+        {},
+        obs(load(running=8, spilled=16), load(running=8, spilled=8)),
+        2,
+        S,
+        4,
+    ),
+    ("step to 6 x capacity: max in one decision", {}, obs(load(waiting=4, running=8, spilled=36)), 1, S, 4),
+    ("step to 2 x capacity: exactly enough", {"max_replicas": 10}, obs(load(running=8, spilled=8)), 1, S, 2),
+    (
+        "spill keeps a busy pool from shrinking",
+        {},
+        obs(load(running=8, spilled=20), load(running=8, spilled=20)),
+        4,
+        S,
+        4,
+    ),
+    ("stale spill report counts for nothing", {}, obs(load(running=8), load(spilled=40, age=60)), 2, S, 2),
+    ("spill waits for the upscale delay", {"upscale_delay_s": 10}, obs(load(running=8, spilled=24)), 1, S, 1),
+    (
+        "spill after the upscale delay",
+        {"upscale_delay_s": 10},
+        obs(load(running=8, spilled=24)),
+        1,
+        PolicyState(up_since=NOW - 10),
+        4,
+    ),
+    (
+        "tps adds spilled tokens/s",
+        {**TPS, "target_tokens_per_second_per_replica": 100},
+        obs(load(demand=80, spilled_tps=160)),
+        1,
+        S,
+        3,
+    ),
+    (
+        "tps spilled tokens/s is pool-wide",
+        {**TPS, "target_tokens_per_second_per_replica": 100},
+        obs(load(demand=80, spilled_tps=80), load(demand=80, spilled_tps=80)),
+        2,
+        S,
+        3,
+    ),
+    ("tps not learned: spilled requests still count", TPS, obs(load(running=8, spilled=16, spilled_tps=999)), 1, S, 3),
 ]
 
 
@@ -274,12 +335,25 @@ def test_observations_from_raw_series() -> None:
     assert observations_from_raw(None, [a]) == {"a": None}
 
 
+def test_observations_spill_stats_are_optional() -> None:
+    old = _full(NOW)  # a replica of the previous version: no spill stats
+    new = {**_full(NOW), SPILLED_ONGOING: [(NOW - 1, 10.0), (NOW, 14.0)], SPILLED_TOKENS_PER_S: [(NOW, 300.0)]}
+    got = observations_from_raw(_raw({"old": old, "new": new}), ["old", "new"])
+    lo, ln = got["old"], got["new"]
+    assert lo is not None and (lo.spilled_ongoing, lo.spilled_tokens_per_s) == (0.0, 0.0)
+    assert ln is not None and (ln.spilled_ongoing, ln.spilled_tokens_per_s) == (12.0, 300.0)
+    new[SPILLED_ONGOING] = [(NOW - 30, 14.0)]  # a spill stat that stopped updating ages the replica
+    ln = observations_from_raw(_raw({"new": new}), ["new"])["new"]
+    assert ln is not None and ln.timestamp == NOW - 30
+
+
 def _context(
     ray_cfg: Any,
     replicas: dict[Any, dict[str, list[tuple[float, float]]]],
     target: int,
     state: dict[str, Any],
     now: float,
+    queued: float = 0.0,
 ) -> Any:
     """An AutoscalingContext built the way DeploymentAutoscalingState.get_autoscaling_context does (2.60)."""
     from ray.serve._private.common import DeploymentID
@@ -293,13 +367,13 @@ def _context(
         current_num_replicas=len(replicas),
         target_num_replicas=target,
         running_replicas=list(replicas),
-        total_num_requests=lambda: 0.0,
+        total_num_requests=lambda: queued,
         capacity_adjusted_min_replicas=ray_cfg.min_replicas,
         capacity_adjusted_max_replicas=ray_cfg.max_replicas,
         policy_state=dict(state),
         current_time=now,
         config=ray_cfg,
-        total_queued_requests=lambda: 0.0,
+        total_queued_requests=lambda: queued,
         aggregated_metrics=lambda: {},
         raw_metrics=lambda: _raw(replicas),
         last_scale_up_time=None,
@@ -349,7 +423,67 @@ def test_policy_class_with_public_context() -> None:
     n, state = policy(_context(ray_cfg, {r1: _full(NOW, waiting=10, running=8)}, 1, {"__decision_counters": 0}, NOW))
     assert n == 3
     assert PolicyState.from_dict(state[STATE_KEY]).reason.startswith("up 1->3")
-    assert PolicyParams.from_kwargs(ray_cfg.policy.policy_kwargs).max_replicas == 3
+
+
+def test_bounds_and_queue_target_are_read_live_from_rays_fields() -> None:
+    """A Serve config edit of min/max/target reaches the same policy instance through ctx, not kwargs."""
+    from ray.serve._private.common import DeploymentID, ReplicaID
+    from ray.serve.config import AutoscalingConfig as RayAutoscalingConfig
+
+    ours = cfg(max_replicas=3, target_ongoing_per_replica=8)
+    kwargs = ray_autoscaling_config(ours)["policy"]["policy_kwargs"]
+    assert not (LIVE_FIELDS | {"metrics_interval_s"}) & set(kwargs)  # a bound edit leaves the code version
+    policy = LoadPolicy(**kwargs)
+    dep = DeploymentID(name="LLMServer-p", app_name="default")
+    r1 = ReplicaID(unique_id="one", deployment_id=dep)
+    busy = {r1: _full(NOW, waiting=30, running=10)}  # 40 ongoing
+    assert policy(_context(RayAutoscalingConfig(**ray_autoscaling_config(ours)), busy, 1, {}, NOW))[0] == 3
+    wider = cfg(max_replicas=6, target_ongoing_per_replica=8)
+    assert policy(_context(RayAutoscalingConfig(**ray_autoscaling_config(wider)), busy, 1, {}, NOW))[0] == 5
+    finer = cfg(max_replicas=10, target_ongoing_per_replica=5)
+    assert policy(_context(RayAutoscalingConfig(**ray_autoscaling_config(finer)), busy, 1, {}, NOW))[0] == 8
+    floor = cfg(min_replicas=2, max_replicas=10)
+    assert policy(_context(RayAutoscalingConfig(**ray_autoscaling_config(floor)), {r1: _full(NOW)}, 2, {}, NOW))[0] == 2
+
+
+def test_zero_replicas_with_queued_wake_calls() -> None:
+    """Ray 2.60's wrapper answers 0 replicas + queued requests with 1 before calling us; without a
+    queue it calls us and we hold at zero. Our own fallback gives the same answer if called."""
+    from ray.serve._private.autoscaling_state import _resolve_policy_callable
+    from ray.serve.autoscaling_policy import _apply_autoscaling_config
+    from ray.serve.config import AutoscalingConfig as RayAutoscalingConfig
+
+    ray_cfg = RayAutoscalingConfig(**ray_autoscaling_config(cfg(min_replicas=0, upscale_delay_s=30)))
+    wrapped = _apply_autoscaling_config(_resolve_policy_callable(ray_cfg.policy))
+    assert wrapped(_context(ray_cfg, {}, 0, {}, NOW))[0] == 0  # idle at zero stays at zero
+    assert wrapped(_context(ray_cfg, {}, 0, {}, NOW, queued=1.0))[0] == 1  # one wake call: one replica
+    bare = LoadPolicy(**ray_cfg.policy.policy_kwargs)  # what a Ray without the short cut would call
+    assert bare(_context(ray_cfg, {}, 0, {}, NOW, queued=1.0))[0] == 1
+    assert bare(_context(ray_cfg, {}, 0, {}, NOW))[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "current", "queued", "expected"),
+    [
+        ({"min_replicas": 0}, 0, 1.0, 1),  # wake
+        ({"min_replicas": 0}, 0, 0.0, 0),  # nobody asked
+        ({"min_replicas": 0}, 1, 1.0, 1),  # already starting: hold
+        ({"min_replicas": 0, "max_replicas": 1}, 0, 5.0, 1),
+    ],
+)
+def test_wake_from_zero(overrides: dict[str, Any], current: int, queued: float, expected: int) -> None:
+    n, _ = desired_replicas(cfg(**overrides), {}, current, PolicyState(), NOW, queued_at_handles=queued)
+    assert n == expected
+
+
+def test_decision_log_line_explains_the_change() -> None:
+    c = PolicyParams.from_kwargs(cfg(max_replicas=4, target_ongoing_per_replica=4).model_dump())
+    n, state = desired_replicas(c, obs(load(running=4, spilled=20)), 1, PolicyState(), NOW)
+    line = json.loads(decision_log_line("LLMServer-sim", 1, n, c, state))
+    assert (line["deployment"], line["from"], line["to"]) == ("LLMServer-sim", 1, 4)
+    assert line["inputs"]["ongoing"] == 4 and line["inputs"]["spilled_ongoing"] == 20
+    assert line["inputs"]["max_replicas"] == 4 and line["inputs"]["target_ongoing_per_replica"] == 4
+    assert line["reason"].startswith("up 1->4") and "spilled 20.0" in line["reason"]
 
 
 def test_policy_unpickles_where_serve_app_is_not_importable(tmp_path: Any) -> None:
@@ -380,3 +514,31 @@ def test_policy_unpickles_where_serve_app_is_not_importable(tmp_path: Any) -> No
     out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "2"  # no metrics: hold, clamped to min
+
+
+def _step_trace(report_spill: bool) -> list[int]:
+    """Demo pool (4 streams/replica, target 4, max 4, upscale delay 3 s) under a step from 2 to 24
+    streams with spill on: the gateway admits up to 6 in flight per replica and spills the rest."""
+    c = cfg(max_replicas=4, target_ongoing_per_replica=4, upscale_delay_s=3, downscale_delay_s=60)
+    state, current, history = PolicyState(), 1, []
+    for second in range(20):
+        streams = 2 if second < 5 else 24
+        admitted = min(streams, 6 * current)
+        spilled = streams - admitted if report_spill else 0
+        per = admitted / current
+        replicas = {
+            f"r{i}": ReplicaLoad(
+                timestamp=NOW + second, running=min(per, 4), waiting=max(0, per - 4), spilled_ongoing=spilled
+            )
+            for i in range(current)
+        }
+        current, state = desired_replicas(c, replicas, current, state, NOW + second)
+        history.append(current)
+    return history
+
+
+def test_step_with_spill_reaches_max_in_one_upscale_delay() -> None:
+    with_spill = _step_trace(report_spill=True)
+    assert with_spill[7] == 1 and with_spill[8] == 4  # the step at 5 s; one decision 3 s later
+    without = _step_trace(report_spill=False)  # what the pool alone shows: 6 per replica, 1.5 x per step
+    assert without[5:] == [1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4]  # one replica per delay
