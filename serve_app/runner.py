@@ -14,7 +14,8 @@ import threading
 import time
 from typing import Any
 
-from serve_app.config import ConfigError, load_config
+from serve_app.config import AppConfig, ConfigError, load_config
+from serve_app.cpu import describe_dtype, read_cpu_flags, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,18 @@ def curl_example(port: int, alias: str, auth: bool) -> str:
         f'  -d \'{{"model": "{alias}", "messages": [{{"role": "user", '
         f'"content": "What is the capital of France?"}}], "max_tokens": 32, "temperature": 0}}\''
     )
+
+
+def engine_dtypes(cfg: AppConfig, on_cpu: bool, cpu_flags: frozenset[str]) -> dict[str, str]:
+    """The dtype each vLLM pool's engine will run in (what `build_engine_args` resolves in the replica)."""
+    out = {}
+    for name, pool in cfg.pools.items():
+        if pool.engine != "vllm":
+            continue
+        dtype = resolve_dtype(pool.vllm.dtype, on_cpu, cpu_flags)
+        auto_on_cpu = pool.vllm.dtype == "auto" and on_cpu
+        out[name] = describe_dtype(cpu_flags) if auto_on_cpu else f"{dtype} (from the config)"
+    return out
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -49,11 +62,18 @@ def _run(args: argparse.Namespace) -> int:
         _metrics_export_port=args.metrics_port,
     )
     serve.start(http_options={"host": args.host, "port": args.port})
+    # A local cluster without GPUs is vLLM's CPU platform: `dtype: auto` becomes the CPU's native dtype.
+    gpus = ray.cluster_resources().get("GPU")  # type: ignore[no-untyped-call]
+    dtypes = engine_dtypes(cfg, not gpus, read_cpu_flags())
+    dtype_note = "; ".join(f"{pool}: {d}" for pool, d in dtypes.items())
+    if dtype_note:
+        logger.info("engine dtype: %s", dtype_note)
     logger.info("deploying %s (the first start prepares the model and loads the engine)", args.config)
     started = time.monotonic()
     serve.run(build_app({"config": os.path.abspath(args.config)}), name=APP_NAME, route_prefix="/")
     alias = next(iter(cfg.effective_routes()))
-    print(f"\nserve_app is ready on http://{args.host}:{args.port} after {time.monotonic() - started:.0f} s.")
+    ready = f"\nserve_app is ready on http://{args.host}:{args.port} after {time.monotonic() - started:.0f} s"
+    print(ready + (f" (engine dtype: {dtype_note})." if dtype_note else "."))
     print("Try:\n" + curl_example(args.port, alias, cfg.gateway.api_keys_env is not None) + "\n")
     print(f"Prometheus metrics: http://127.0.0.1:{args.metrics_port}/metrics   Stop: Ctrl-C", flush=True)
     stop = threading.Event()

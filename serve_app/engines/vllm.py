@@ -33,6 +33,7 @@ from vllm.entrypoints.serve.exception_handling.error_response import create_erro
 from vllm.entrypoints.serve.exception_handling.handlers.validation import clean_loc_for_param
 from vllm.entrypoints.serve.utils.request_logger import RequestLogger
 from vllm.exceptions import VLLMValidationError
+from vllm.platforms import current_platform
 from vllm.renderers.chat_utils import load_chat_template
 from vllm.renderers.online_renderer import OnlineRenderer
 from vllm.usage.usage_lib import UsageContext
@@ -40,6 +41,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from serve_app.config import PoolConfig, VLLMEngineArgs
+from serve_app.cpu import resolve_dtype
 from serve_app.engines.vllm_support import TRACKER, LoadState, StreamAccounting, Tracker, apply_kv_cache_space, tracked
 from serve_app.ops import model_prep
 from serve_app.protocol import EngineLoad, ErrorReply, JSONReply, Reply, wants_usage
@@ -123,7 +125,7 @@ def _split_extra(extra: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
 def build_engine_args(model: str, served_name: str, args: VLLMEngineArgs) -> tuple[AsyncEngineArgs, BaseFrontendArgs]:
     engine_extra, frontend_extra = _split_extra(args.extra)
     managed = {
-        "dtype": args.dtype,
+        "dtype": resolve_dtype(args.dtype, current_platform.is_cpu()),  # auto on CPU: the native dtype
         "max_model_len": args.max_model_len,
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "enforce_eager": args.enforce_eager,
