@@ -14,6 +14,8 @@ Arithmetic (`desired_replicas`):
   tokens_per_second  ceil((sum(demand_tokens_per_s) + spilled_tokens_per_s) / (capacity_per_replica x
                      target_utilization)), capacity = the configured value, else learned (see below), else
                      queue_depth arithmetic.
+When the gateway publishes a TTFT-SLO target (`slo_target_ongoing`, serve_app.slo), either policy asks
+for at least ceil((ongoing + spilled_ongoing) / slo_target_ongoing): the SLO can add replicas, never remove.
 The result is clamped to [min_replicas, max_replicas], so a step to N x capacity asks for the replicas it
 needs in one decision. Every change is logged as one JSON line (`decision_log_line`) in the controller log.
 
@@ -87,7 +89,10 @@ CAPACITY_TOKENS_PER_S = "capacity_tokens_per_s"  # highest tokens/s seen over a 
 SPILLED_ONGOING = "spilled_ongoing"  # spilled requests in flight
 SPILLED_TOKENS_PER_S = "spilled_tokens_per_s"  # tokens/s those spilled requests generate
 REQUIRED_STAT_KEYS = (WAITING, RUNNING, KV_CACHE_USAGE, TOKENS_PER_S, DEMAND_TOKENS_PER_S, CAPACITY_TOKENS_PER_S)
-SPILL_STAT_KEYS = (SPILLED_ONGOING, SPILLED_TOKENS_PER_S)  # optional: older replicas do not report them
+# Pool-wide too (min over replicas): in-flight requests per replica at which a mean request still meets
+# the route's TTFT SLO (serve_app.slo.slo_target_ongoing); 0 = no SLO. The policy never plans for more.
+SLO_TARGET_ONGOING = "slo_target_ongoing"
+SPILL_STAT_KEYS = (SPILLED_ONGOING, SPILLED_TOKENS_PER_S, SLO_TARGET_ONGOING)  # optional (older replicas)
 STAT_KEYS = REQUIRED_STAT_KEYS + SPILL_STAT_KEYS  # everything a current replica reports
 
 POLICY_PATH = "serve_app.autoscaling:LoadPolicy"
@@ -155,6 +160,7 @@ class ReplicaLoad:
     capacity_tokens_per_s: float = 0.0
     spilled_ongoing: float = 0.0  # pool-wide, as this replica last heard it
     spilled_tokens_per_s: float = 0.0  # pool-wide
+    slo_target_ongoing: float = 0.0  # pool-wide; 0 = none
 
 
 @dataclass(frozen=True)
@@ -195,26 +201,38 @@ def _load_desire(
     """Replicas the visible load asks for (unclamped), a short explanation and its inputs.
 
     Spilled demand is pool-wide (every replica reports the same gateway-side figure), so it is the max
-    over replicas, added once to the pool's own demand.
+    over replicas, added once to the pool's own demand. A TTFT-SLO target (pool-wide, the min over
+    replicas) can only ask for more replicas than the configured arithmetic, never fewer.
     """
     ongoing = sum(o.waiting + o.running for o in fresh)
     spilled = max(o.spilled_ongoing for o in fresh)
+    demand = ongoing + spilled
     inputs = {"replicas_fresh": float(len(fresh)), "ongoing": ongoing, "spilled_ongoing": spilled}
     target = cfg.target_ongoing_per_replica
-    queue_based = _ceil((ongoing + spilled) / target)
-    queue_reason = f"ongoing {ongoing:.1f} + spilled {spilled:.1f} / target {target:g} per replica"
-    if cfg.policy != "tokens_per_second":
-        return queue_based, queue_reason, inputs
-    capacity = cfg.target_tokens_per_second_per_replica or learned
-    if capacity <= 0:
-        return queue_based, f"capacity not learned yet; {queue_reason}", inputs
-    demand = sum(o.demand_tokens_per_s for o in fresh)
-    spilled_tps = max(o.spilled_tokens_per_s for o in fresh)
-    inputs.update(demand_tokens_per_s=demand, spilled_tokens_per_s=spilled_tps, capacity_tokens_per_s=capacity)
-    source = "configured" if cfg.target_tokens_per_second_per_replica else "learned"
-    wanted = _ceil((demand + spilled_tps) / (capacity * cfg.target_utilization))
-    why = f"demand {demand:.1f} + spilled {spilled_tps:.1f} tok/s / ({source} capacity {capacity:.1f} x "
-    return wanted, why + f"{cfg.target_utilization:g})", inputs
+    wanted = _ceil(demand / target)
+    why = f"ongoing {ongoing:.1f} + spilled {spilled:.1f} / target {target:g} per replica"
+    if cfg.policy == "tokens_per_second":
+        capacity = cfg.target_tokens_per_second_per_replica or learned
+        if capacity <= 0:
+            why = f"capacity not learned yet; {why}"
+        else:
+            tps = sum(o.demand_tokens_per_s for o in fresh)
+            spilled_tps = max(o.spilled_tokens_per_s for o in fresh)
+            inputs.update(demand_tokens_per_s=tps, spilled_tokens_per_s=spilled_tps, capacity_tokens_per_s=capacity)
+            source = "configured" if cfg.target_tokens_per_second_per_replica else "learned"
+            wanted = _ceil((tps + spilled_tps) / (capacity * cfg.target_utilization))
+            why = (
+                f"demand {tps:.1f} + spilled {spilled_tps:.1f} tok/s / ({source} capacity {capacity:.1f} x "
+                f"{cfg.target_utilization:g})"
+            )
+    slo_targets = [o.slo_target_ongoing for o in fresh if o.slo_target_ongoing > 0]
+    if slo_targets:
+        slo = min(slo_targets)
+        inputs["slo_target_ongoing"] = slo
+        slo_wanted = _ceil(demand / slo)
+        if slo_wanted > wanted:
+            wanted, why = slo_wanted, f"ongoing {ongoing:.1f} + spilled {spilled:.1f} / TTFT-SLO target {slo:g}"
+    return wanted, why, inputs
 
 
 def desired_replicas(

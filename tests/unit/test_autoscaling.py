@@ -55,6 +55,7 @@ def load(
     age: float = 1.0,
     spilled: float = 0,
     spilled_tps: float = 0,
+    slo: float = 0,
 ) -> ReplicaLoad:
     return ReplicaLoad(
         timestamp=NOW - age,
@@ -65,6 +66,7 @@ def load(
         capacity_tokens_per_s=capacity,
         spilled_ongoing=spilled,
         spilled_tokens_per_s=spilled_tps,
+        slo_target_ongoing=slo,
     )
 
 
@@ -196,6 +198,28 @@ CASES: list[tuple[str, dict[str, Any], dict[str, ReplicaLoad | None], int, Polic
         3,
     ),
     ("tps not learned: spilled requests still count", TPS, obs(load(running=8, spilled=16, spilled_tps=999)), 1, S, 3),
+    # a TTFT-SLO target (pool-wide, min over replicas) can only ask for more than the configured target
+    ("slo stricter than target", {}, obs(load(running=8), load(running=8, slo=4)), 2, S, 4),
+    ("slo looser than target: target decides", {}, obs(load(running=8, slo=16), load(running=8, slo=16)), 2, S, 2),
+    ("slo counts spilled demand", {"max_replicas": 10}, obs(load(running=4, spilled=8, slo=4)), 1, S, 3),
+    ("no slo reported: target", {}, obs(load(running=8), load(running=8)), 2, S, 2),
+    ("slo stale: ignored", {}, obs(load(running=8), load(running=8), load(slo=1, age=60)), 3, S, 3),
+    (
+        "tps: slo asks for more than throughput",
+        {**TPS, "target_tokens_per_second_per_replica": 100},
+        obs(load(running=8, demand=80, slo=2)),
+        1,
+        S,
+        4,
+    ),
+    (
+        "tps: throughput asks for more than slo",
+        {**TPS, "target_tokens_per_second_per_replica": 100},
+        obs(load(running=2, demand=240, slo=2)),
+        1,
+        S,
+        3,
+    ),
 ]
 
 
