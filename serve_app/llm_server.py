@@ -2,8 +2,8 @@
 
 Load goes (1) to the Serve controller through `record_autoscaling_stats()` for the autoscaling policy and
 (2) to the application's LoadBoard actor for the gateway's spill decision. The engine never sees the
-client-facing alias: the request's `model` is set to the engine's served name on the way in, and set back
-to the alias on the way out.
+client-facing alias: the request's `model` is set to the engine's served name (or the route's LoRA adapter)
+on the way in, and set back to the alias on the way out (a rewrite built once per request; none when equal).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from ray import serve
@@ -21,8 +21,9 @@ from ray import serve
 from serve_app import autoscaling
 from serve_app.config import PoolConfig
 from serve_app.engines import create_engine
+from serve_app.errors import error_body
 from serve_app.loadboard import get_board
-from serve_app.protocol import ChunkReply, JSONReply, Reply
+from serve_app.protocol import ChunkReply, ErrorReply, JSONReply, Reply
 from serve_app.streaming import coalesce
 
 logger = logging.getLogger(__name__)
@@ -68,15 +69,31 @@ def load_stats(waiting: int, running: int, kv: float, rate: float, peak: float) 
     }
 
 
-def _realias(reply: Reply, served: str, alias: str) -> Reply:
-    if alias == served:
-        return reply
-    if isinstance(reply, JSONReply):
-        if reply.body.get("model") == served:
-            reply.body["model"] = alias
-    elif isinstance(reply, ChunkReply):
-        reply.data = reply.data.replace(f'"model":"{served}"', f'"model":"{alias}"')
+Realiaser = Callable[[Reply], Reply]
+
+
+def _same(reply: Reply) -> Reply:
     return reply
+
+
+def realiaser(answered_as: str, alias: str) -> Realiaser:
+    """The per-stream rewrite of the engine's model name (served name or adapter) to the client's alias.
+
+    Built once per request: when the names match (the common case) it is the identity; otherwise the byte
+    pattern is formatted once and each chunk costs one str.replace.
+    """
+    if alias == answered_as:
+        return _same
+    old, new = f'"model":"{answered_as}"', f'"model":"{alias}"'
+
+    def rewrite(reply: Reply) -> Reply:
+        if isinstance(reply, ChunkReply):
+            reply.data = reply.data.replace(old, new)
+        elif isinstance(reply, JSONReply) and reply.body.get("model") == answered_as:
+            reply.body["model"] = alias
+        return reply
+
+    return rewrite
 
 
 class LLMServer:
@@ -102,15 +119,43 @@ class LLMServer:
         self._publisher = asyncio.create_task(self._publish_loop())
 
     # ------------------------------------------------------------------------------- request methods
-    async def chat(self, body: dict[str, Any], alias: str, request_id: str) -> AsyncIterator[Reply]:
-        body["model"] = self._served
+    async def chat(
+        self, body: dict[str, Any], alias: str, request_id: str, lora: str | None = None
+    ) -> AsyncIterator[Reply]:
+        """A chat request for `alias`; `lora` names an adapter of this pool (None: the base model)."""
+        body["model"] = target = lora or self._served
+        fix = realiaser(target, alias)
         async for item in coalesce(self._engine.chat(body, request_id), interval_s=self._batch_s):
-            yield _realias(item, self._served, alias)
+            yield fix(item)
 
-    async def completion(self, body: dict[str, Any], alias: str, request_id: str) -> AsyncIterator[Reply]:
-        body["model"] = self._served
+    async def completion(
+        self, body: dict[str, Any], alias: str, request_id: str, lora: str | None = None
+    ) -> AsyncIterator[Reply]:
+        body["model"] = target = lora or self._served
+        fix = realiaser(target, alias)
         async for item in coalesce(self._engine.completion(body, request_id), interval_s=self._batch_s):
-            yield _realias(item, self._served, alias)
+            yield fix(item)
+
+    async def tokenize(self, body: dict[str, Any], lora: str | None = None) -> Reply:
+        """POST /tokenize as `vllm serve` answers it (JSONReply or ErrorReply)."""
+        return await self._tokenization("tokenize", body, lora)
+
+    async def detokenize(self, body: dict[str, Any], lora: str | None = None) -> Reply:
+        """POST /detokenize as `vllm serve` answers it (JSONReply or ErrorReply)."""
+        return await self._tokenization("detokenize", body, lora)
+
+    async def _tokenization(self, kind: str, body: dict[str, Any], lora: str | None) -> Reply:
+        method = getattr(self._engine, kind, None)
+        if method is None:
+            message = f"/{kind} is not available for the {self._pool.engine} engine of pool {self._pool_name}"
+            return ErrorReply(400, error_body(message, "invalid_request_error", None, 400))
+        body["model"] = lora or self._served
+        reply: Reply = await method(body)
+        return reply
+
+    async def info(self) -> dict[str, Any]:
+        """Static engine facts for the gateway's model cards: max_model_len, served name, LoRA adapters."""
+        return dict(self._engine.info())
 
     # ------------------------------------------------------------------------------- load and health
     def _refresh(self) -> dict[str, float]:

@@ -51,8 +51,35 @@ def carries_output(choice: dict[str, Any]) -> bool:
     )
 
 
+# Substrings of vLLM's compact JSON (`model_dump_json`): with no whitespace after ':' a quote is structural, so
+# '"usage":' / '"error":' can only be keys, and '"content":"' / '"text":"' open a non-null string value.
+_USAGE_KEY = '"usage":'
+_ERROR_KEY = '"error":'
+_FINISHED = '"finish_reason":"'
+_TEXT_OPENERS = ('"content":"', '"text":"')
+
+
+def quick_carries_output(event: str) -> bool | None:
+    """True when a plain stream event certainly carries output (no parse); None when it takes a parse.
+
+    Only positive answers are given: a non-null finish_reason, or a content/text string that is not empty.
+    Anything else (role-only deltas, tool calls, reasoning, other spacing) is left to `carries_output`.
+    """
+    if _FINISHED in event:
+        return True
+    for opener in _TEXT_OPENERS:
+        i = event.find(opener)
+        if i >= 0 and event[i + len(opener) : i + len(opener) + 1] not in ('"', ""):
+            return True
+    return None
+
+
 class StreamAccounting:
-    """Per-stream state: how many of the engine's generated tokens were already attributed to a chunk."""
+    """Per-stream state: how many of the engine's generated tokens were already attributed to a chunk.
+
+    The common piece (one content event) is read with two substring scans; only the events the scans cannot
+    settle (the role chunk, the final usage chunk, errors, tool calls, reasoning) are json-parsed.
+    """
 
     def __init__(self, client_wants_usage: bool) -> None:
         self._client_wants_usage = client_wants_usage
@@ -60,6 +87,9 @@ class StreamAccounting:
 
     def chunk(self, text: str, generated_so_far: int) -> ChunkReply | None:
         """ChunkReply for one piece of vLLM output; `generated_so_far` counts the engine's token ids."""
+        end = text.find("\n\n")
+        if end == len(text) - 2 and end > 0:  # one event: the way vLLM yields them
+            return self._single(text, text[:end], generated_so_far)
         events = [e for e in text.split("\n\n") if e.strip()]
         kept: list[str] = []
         tokens = 0
@@ -69,19 +99,41 @@ class StreamAccounting:
             if event.strip() == f"data: {_DONE}":
                 continue
             kept.append(event)
-            payload = parse_event(event)
-            if payload is None or "error" in payload:
-                continue  # passes through untouched (mid-stream errors are data for the client)
-            choices = payload.get("choices") or []
-            if not choices and isinstance(payload.get("usage"), dict):
-                usage = payload["usage"]
-                usage_only = not self._client_wants_usage
-            elif any(isinstance(c, dict) and carries_output(c) for c in choices):
-                tokens += max(0, generated_so_far - self._attributed)
-                self._attributed = max(self._attributed, generated_so_far)
+            got, event_usage = self._read(event, generated_so_far)
+            tokens += got
+            if event_usage is not None:
+                usage, usage_only = event_usage, not self._client_wants_usage
         if not kept:
             return None
         return ChunkReply(data="".join(f"{e}\n\n" for e in kept), tokens=tokens, usage=usage, usage_only=usage_only)
+
+    def _single(self, text: str, event: str, generated_so_far: int) -> ChunkReply | None:
+        if event.strip() == f"data: {_DONE}":
+            return None
+        tokens, usage = self._read(event, generated_so_far)
+        if usage is not None:
+            return ChunkReply(data=text, tokens=tokens, usage=usage, usage_only=not self._client_wants_usage)
+        return ChunkReply(data=text, tokens=tokens)
+
+    def _read(self, event: str, generated_so_far: int) -> tuple[int, dict[str, Any] | None]:
+        """(tokens attributed to this event, its usage if it is the final usage chunk)."""
+        new = generated_so_far - self._attributed
+        if event.startswith("data: {") and _USAGE_KEY not in event and _ERROR_KEY not in event:
+            if new <= 0:
+                return 0, None  # nothing new to attribute, and no usage: what it carries does not matter
+            if quick_carries_output(event):
+                self._attributed = generated_so_far
+                return new, None
+        payload = parse_event(event)
+        if payload is None or "error" in payload:
+            return 0, None  # passes through untouched (mid-stream errors are data for the client)
+        choices = payload.get("choices") or []
+        if not choices and isinstance(payload.get("usage"), dict):
+            return 0, payload["usage"]
+        if any(isinstance(c, dict) and carries_output(c) for c in choices):
+            self._attributed = max(self._attributed, generated_so_far)
+            return max(0, new), None
+        return 0, None
 
 
 # ------------------------------------------------------------------------------------ token tracking

@@ -168,3 +168,99 @@ def test_apply_kv_cache_space(
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "keep")
     assert apply_kv_cache_space(gib) == kwargs
     assert os.environ.get("VLLM_CPU_KVCACHE_SPACE") == env
+
+
+# ------------------------------------------------------------------ the substring fast path vs the parse
+def reference_chunk(wants_usage: bool, attributed: int, text: str, generated: int) -> tuple[int, Any, bool, int]:
+    """The json-parse-every-event reading (the pre-fast-path implementation): the oracle."""
+    tokens, usage, usage_only = 0, None, False
+    for event in [e for e in text.split("\n\n") if e.strip()]:
+        if event.strip() == "data: [DONE]":
+            continue
+        payload = parse_event(event)
+        if payload is None or "error" in payload:
+            continue
+        choices = payload.get("choices") or []
+        if not choices and isinstance(payload.get("usage"), dict):
+            usage, usage_only = payload["usage"], not wants_usage
+        elif any(isinstance(c, dict) and carries_output(c) for c in choices):
+            tokens += max(0, generated - attributed)
+            attributed = max(attributed, generated)
+    return tokens, usage, usage_only, attributed
+
+
+def compact(payload: dict[str, Any]) -> str:
+    """An event rendered as vLLM renders it (pydantic model_dump_json: no spaces)."""
+    return f"data: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+_HEAD = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+
+
+def chat(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish, **extra}
+    return {**_HEAD, "choices": [choice]}
+
+
+def text(t: str, finish: str | None = None) -> dict[str, Any]:
+    choice = {"index": 0, "text": t, "logprobs": None, "finish_reason": finish, "stop_reason": None}
+    return {"id": "cmpl-1", "created": 1, "model": "m", "choices": [choice]}
+
+
+PAYLOADS = [
+    chat({"role": "assistant", "content": ""}),
+    chat({"content": " Paris"}),
+    chat({"content": ""}),  # a token held back by the detokenizer (no text yet)
+    chat({"content": '"'}),  # a quote: escaped, still output
+    chat({"content": "\\"}),
+    chat({"content": 'say "content":"" and "finish_reason":"stop"'}),  # look-alikes inside the text
+    chat({"content": '"usage":{} "error": x'}),
+    chat({"content": ""}, "stop"),
+    chat({}, "length"),
+    chat({"reasoning": "hmm"}),
+    chat({"reasoning_content": "hmm", "content": None}),
+    chat({"tool_calls": [{"index": 0, "function": {"arguments": '{"text":"x"}'}}]}),
+    chat({"content": "x"}, logprobs={"content": [{"token": "x", "logprob": -0.1, "top_logprobs": []}]}),
+    chat({"content": ""}, logprobs={"content": [{"token": "content", "logprob": -0.1}]}),
+    text(" Paris"),
+    text(""),
+    text("", "stop"),
+    text('"'),
+    {**_HEAD, "choices": [], "usage": {"prompt_tokens": 3, "total_tokens": 5, "completion_tokens": 2}},
+    {**chat({"content": "x"}), "usage": {"prompt_tokens": 3, "total_tokens": 4, "completion_tokens": 1}},
+    {"error": {"message": "boom", "type": "InternalServerError", "code": 500}},
+    {"error": {"message": '"content":"x" "finish_reason":"stop"', "type": "BadRequestError", "code": 400}},
+]
+
+
+@pytest.mark.parametrize("render", [compact, ev], ids=["compact", "spaced"])
+@pytest.mark.parametrize("wants_usage", [False, True])
+@pytest.mark.parametrize("payload", PAYLOADS)
+@pytest.mark.parametrize(("attributed", "generated"), [(0, 0), (0, 1), (2, 5), (5, 5)])
+def test_fast_path_matches_the_parsing_reference(
+    render: Any, wants_usage: bool, payload: dict[str, Any], attributed: int, generated: int
+) -> None:
+    piece = render(payload)
+    acc = StreamAccounting(wants_usage)
+    acc._attributed = attributed
+    chunk = acc.chunk(piece, generated)
+    want_tokens, want_usage, want_usage_only, want_attributed = reference_chunk(
+        wants_usage, attributed, piece, generated
+    )
+    assert chunk is not None and chunk.data == piece
+    assert (chunk.tokens, chunk.usage, chunk.usage_only) == (want_tokens, want_usage, want_usage_only)
+    assert acc._attributed == want_attributed
+
+
+def test_fast_path_multi_event_pieces_match_the_reference() -> None:
+    events = [compact(p) for p in PAYLOADS] + [DONE, ": keep-alive\n\n"]
+    for size in (2, 3, 5):
+        acc = StreamAccounting(False)
+        attributed = 0
+        for i in range(0, len(events), size):
+            piece = "".join(events[i : i + size])
+            chunk = acc.chunk(piece, i + 1)
+            tokens, usage, usage_only, attributed = reference_chunk(False, attributed, piece, i + 1)
+            kept = "".join(e for e in events[i : i + size] if e != DONE)
+            assert chunk is not None and chunk.data == kept
+            assert (chunk.tokens, chunk.usage, chunk.usage_only) == (tokens, usage, usage_only)
