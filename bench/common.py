@@ -6,6 +6,7 @@ also reaches the engine/Ray processes it spawned, and nothing else on the machin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -96,25 +97,81 @@ class Server:
         raise RuntimeError(f"{self.name} not ready after {timeout:.0f} s:\n{self.log_tail()}")
 
     def stop(self, grace_s: float = 40.0) -> None:
-        """SIGTERM this server's pid, then its process group (its own session) if anything lingers."""
+        """SIGINT this server's process group (what Ctrl-C does: vLLM and Ray shut their engine cores
+        down cleanly; a SIGTERM/SIGKILL of the group orphaned `VLLM::EngineCore` processes, FACTS.md),
+        then SIGTERM/SIGKILL whatever of this group is still there."""
         if self.proc is None:
             return
         if self.proc.poll() is None:
-            logger.info("stopping %s (pid %d)", self.name, self.pid)
-            self.proc.send_signal(signal.SIGTERM)
+            logger.info("stopping %s (pid %d) with SIGINT to its process group", self.name, self.pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGINT)
             try:
                 self.proc.wait(grace_s)
             except subprocess.TimeoutExpired:
-                logger.warning("%s did not stop in %.0f s; killing its process group", self.name, grace_s)
-        # Engine cores / Ray workers live in the same session; clean up stragglers of this server only.
+                logger.warning("%s did not stop in %.0f s; terminating its process group", self.name, grace_s)
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(self.pid, sig)
-            except ProcessLookupError:
+            if not group_pids(self.pid):
                 break
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, sig)
             time.sleep(2.0)
         if self.proc.poll() is None:
             self.proc.wait(10)
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Live processes of one process group (read from /proc; no psutil needed)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(int(d.name))
+    return out
+
+
+def vllm_processes() -> list[tuple[int, str]]:
+    """(pid, name) of every `VLLM::...` process on the machine (engine cores spin a core each)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            name = (d / "comm").read_text().strip()
+        except OSError:
+            continue
+        if name.startswith("VLLM"):
+            out.append((int(d.name), name))
+    return out
+
+
+def wait_quiet(max_load: float = 1.0, max_wait_s: float = 300.0, poll_s: float = 10.0) -> dict[str, Any]:
+    """Wait until no VLLM:: process runs and the 1-minute load average is below `max_load` (or give up
+    after `max_wait_s`); return what was seen, to be stored with the cell it precedes."""
+    started = time.monotonic()
+    while True:
+        load = os.getloadavg()
+        engines = vllm_processes()
+        quiet = not engines and load[0] < max_load
+        waited = time.monotonic() - started
+        if quiet or waited >= max_wait_s:
+            info = {
+                "quiet": quiet,
+                "load_average": [round(x, 2) for x in load],
+                "vllm_processes": len(engines),
+                "waited_s": round(waited),
+                "max_load": max_load,
+            }
+            if not quiet:
+                logger.warning("machine not quiet after %.0f s: %s", waited, info)
+            return info
+        logger.info("waiting for a quiet machine: load %.2f, %d VLLM:: processes", load[0], len(engines))
+        time.sleep(poll_s)
 
 
 def http_ok(url: str, timeout: float = 3.0) -> bool:

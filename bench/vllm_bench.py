@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import json
+import os
 import sys
 
 _original_version = md.version
@@ -33,7 +34,11 @@ def run_batch(path: str) -> None:
 
     with open(path) as f:
         cells = json.load(f)
+    loads: list[list[float]] = []
     for i, argv in enumerate(cells):
+        loads.append([round(x, 2) for x in os.getloadavg()])
+        with open(path.removesuffix(".json") + ".load.json", "w") as f:
+            json.dump(loads, f)  # the load average before each cell, for the harness's records
         parser = FlexibleArgumentParser()  # type: ignore[no-untyped-call]
         add_cli_args(parser)
         print(f"=== cell {i + 1}/{len(cells)}: vllm bench serve {' '.join(argv)}", flush=True)
