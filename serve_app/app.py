@@ -39,7 +39,7 @@ def pool_deployment_options(name: str, pool: PoolConfig) -> dict[str, Any]:
         "name": f"LLMServer-{name}",
         "max_ongoing_requests": d.max_ongoing_requests,
         "max_queued_requests": d.max_queued_requests,
-        "ray_actor_options": {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus},
+        "ray_actor_options": {"num_cpus": d.num_cpus, "num_gpus": pool.gpus_per_replica()},
         "health_check_period_s": d.health_check_period_s,
         "graceful_shutdown_timeout_s": d.graceful_shutdown_timeout_s,
     }

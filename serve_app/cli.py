@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from serve_app.config import ConfigError, load_config
+from serve_app.config import AppConfig, ConfigError, load_config
 
 # Modules that add sub-commands; a module that is not there yet is skipped.
 _TOOL_MODULES = (
@@ -25,6 +25,32 @@ _TOOL_MODULES = (
 )
 
 
+def vllm_arg_problems(source: str, cfg: AppConfig) -> list[str]:
+    """`file: pools.X.vllm.key: reason` for engine arguments the installed vLLM does not know.
+
+    Checked against vLLM's own argument set (AsyncEngineArgs fields + `vllm serve` front-end options), so a
+    typo fails here instead of on a GPU node. Without vllm installed this one check is skipped (said on stderr).
+    """
+    pools = {name: p for name, p in cfg.pools.items() if p.engine == "vllm" and p.vllm.engine_kwargs()}
+    if not pools:
+        return []
+    try:
+        from serve_app.engines.vllm import check_engine_args  # imports vllm: only when there is something to check
+    except ModuleNotFoundError as err:
+        if not (err.name or "").startswith("vllm"):
+            raise
+        names = ", ".join(f"pools.{n}.vllm" for n in pools)
+        print(f"{source}: vllm is not installed here: engine arguments not checked ({names})", file=sys.stderr)
+        return []
+    out = []
+    for name, pool in pools.items():
+        flat = pool.vllm.model_extra or {}
+        for key, reason in check_engine_args(pool.vllm):
+            where = f"vllm.{key}" if key in flat else f"vllm.extra.{key}"
+            out.append(f"{source}: pools.{name}.{where}: {reason}")
+    return out
+
+
 def _validate(args: argparse.Namespace) -> int:
     status = 0
     for path in args.files:
@@ -32,6 +58,11 @@ def _validate(args: argparse.Namespace) -> int:
             cfg = load_config(path)
         except ConfigError as err:
             print(err, file=sys.stderr)
+            status = 2
+            continue
+        problems = vllm_arg_problems(path, cfg)
+        if problems:
+            print("\n".join(problems), file=sys.stderr)
             status = 2
             continue
         routes = cfg.effective_routes()

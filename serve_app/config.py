@@ -32,8 +32,14 @@ class _Strict(BaseModel):
 
 
 # --------------------------------------------------------------------------------------------- engines
-class VLLMEngineArgs(_Strict):
-    """The vLLM engine arguments we manage; anything else goes into `extra` verbatim."""
+class VLLMEngineArgs(BaseModel):
+    """The vLLM engine arguments we manage, plus any other vLLM engine argument given flat beside them.
+
+    Flat keys (as Ray Serve LLM's `engine_kwargs`) must be AsyncEngineArgs fields or `vllm serve` front-end
+    options; `serve-app validate-config` checks them against the installed vLLM. `extra` still works.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
 
     dtype: str = Field("auto", description="Weights/activation dtype (auto, bfloat16, float16, float32).")
     max_model_len: int | None = Field(None, gt=0, description="Context length (prompt + output) in tokens.")
@@ -47,15 +53,26 @@ class VLLMEngineArgs(_Strict):
     quantization: str | None = Field(None, description="Weight quantization (awq, gptq, fp8, ...), or none.")
     kv_cache_dtype: str = Field("auto", description="KV-cache dtype (auto, fp8, ...).")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (tensor parallelism).")
+    pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages per engine (GPUs = tensor x pipeline).")
     max_num_seqs: int | None = Field(None, gt=0, description="Max sequences the scheduler runs at once.")
     max_num_batched_tokens: int | None = Field(None, gt=0, description="Token budget per scheduler step.")
     seed: int | None = Field(None, description="Engine random seed.")
     cpu_kv_cache_space_gib: float | None = Field(
         None, gt=0, description="CPU only: KV-cache size in GiB (sets VLLM_CPU_KVCACHE_SPACE)."
     )
-    extra: dict[str, Any] = Field(
-        default_factory=dict, description="Any other AsyncEngineArgs field, passed through unchanged."
+    lora_modules: dict[str, str] = Field(
+        default_factory=dict,
+        description="Static LoRA adapters, name -> path (as `vllm serve --lora-modules`); every replica loads "
+        "them at start (enable_lora is turned on; set max_lora_rank / max_loras flat when needed).",
     )
+    extra: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Any other vLLM engine argument (the same as giving it flat; kept for old configs).",
+    )
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """The vLLM arguments that are not managed fields: `extra` and the flat keys (flat wins)."""
+        return {**self.extra, **(self.model_extra or {})}
 
 
 class SimulatedEngineArgs(_Strict):
@@ -116,7 +133,12 @@ class DeploymentOptions(_Strict):
         description="Per-caller queue bound; beyond it callers get BackPressureError (-1: unbounded).",
     )
     num_cpus: float = Field(1.0, ge=0, description="Logical CPUs reserved per replica.")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (tensor_parallel_size for vLLM on GPU).")
+    num_gpus: float | None = Field(
+        None,
+        ge=0,
+        description="GPUs per replica. None: vllm.tensor_parallel_size x vllm.pipeline_parallel_size for a vLLM "
+        "pool, 0 for a simulated pool or a CPU engine (vllm.cpu_kv_cache_space_gib or vllm.device: cpu set).",
+    )
     health_check_period_s: float = Field(10.0, gt=0, description="Seconds between replica health checks.")
     stream_batch_interval_ms: float = Field(
         0.0,
@@ -153,6 +175,19 @@ class PoolConfig(_Strict):
 
     def model_path(self) -> str:
         return expand_path(self.model)
+
+    def gpus_per_replica(self) -> float:
+        """deployment.num_gpus, or what the engine needs: tensor x pipeline parallel size on GPU, else 0."""
+        if self.deployment.num_gpus is not None:
+            return self.deployment.num_gpus
+        args = self.vllm
+        if (
+            self.engine != "vllm"
+            or args.cpu_kv_cache_space_gib is not None
+            or args.engine_kwargs().get("device") == "cpu"
+        ):
+            return 0.0
+        return float(args.tensor_parallel_size * args.pipeline_parallel_size)
 
 
 # --------------------------------------------------------------------------------------------- routing
@@ -194,6 +229,9 @@ class RouteConfig(_Strict):
         "self_hosted_only", description="self_hosted_only, hosted_only, or spill (self-hosted first)."
     )
     pool: str | None = Field(None, description="Self-hosted pool name (a key of `pools`).")
+    lora: str | None = Field(
+        None, description="A LoRA adapter of that pool (a key of its vllm.lora_modules) to serve instead of the base."
+    )
     gemini_model: str | None = Field(None, description="Gemini model for hosted_only/spill, e.g. gemini-2.5-flash.")
     saturation: SaturationThresholds = Field(default_factory=SaturationThresholds, description="Spill thresholds.")
     breaker: BreakerConfig = Field(default_factory=BreakerConfig, description="Degradation breaker.")
@@ -254,6 +292,11 @@ class AppConfig(_Strict):
         for alias, route in self.routes.items():
             if route.pool is not None and route.pool not in self.pools:
                 raise ValueError(f"routes.{alias}.pool: unknown pool {route.pool!r} (pools: {sorted(self.pools)})")
+            if route.lora is not None and route.lora not in self.pools[route.pool or ""].vllm.lora_modules:
+                known = sorted(self.pools[route.pool or ""].vllm.lora_modules)
+                raise ValueError(
+                    f"routes.{alias}.lora: pool {route.pool!r} has no adapter {route.lora!r} (has: {known})"
+                )
             if route.gemini_model and self.gemini is None:
                 raise ValueError(f"routes.{alias}: uses Gemini but the `gemini` section is missing")
         return self

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import difflib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from vllm import envs
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.entrypoints.generate.base.protocol import StreamOptions
@@ -26,11 +27,13 @@ from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionReque
 from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
-from vllm.entrypoints.openai.models.protocol import BaseModelPath
+from vllm.entrypoints.openai.models.protocol import BaseModelPath, LoRAModulePath
 from vllm.entrypoints.openai.models.serving import OpenAIServingModels
 from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 from vllm.entrypoints.serve.exception_handling.handlers.validation import clean_loc_for_param
+from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeRequest
+from vllm.entrypoints.serve.tokenize.serving import ServingTokenization
 from vllm.entrypoints.serve.utils.request_logger import RequestLogger
 from vllm.exceptions import VLLMValidationError
 from vllm.platforms import current_platform
@@ -40,7 +43,7 @@ from vllm.usage.usage_lib import UsageContext
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from serve_app.config import PoolConfig, VLLMEngineArgs
+from serve_app.config import PoolConfig, VLLMEngineArgs, expand_path
 from serve_app.cpu import resolve_dtype
 from serve_app.engines.vllm_support import TRACKER, LoadState, StreamAccounting, Tracker, apply_kv_cache_space, tracked
 from serve_app.ops import model_prep
@@ -50,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 _ENGINE_FIELDS = frozenset(f.name for f in dataclasses.fields(AsyncEngineArgs))
 _FRONTEND_FIELDS = frozenset(f.name for f in dataclasses.fields(BaseFrontendArgs))
+_TOKENIZE: TypeAdapter[Any] = TypeAdapter(TokenizeRequest)
 
 
 class _TrackingAsyncLLM(AsyncLLM):
@@ -109,21 +113,46 @@ def _stat_loggers(state: LoadState) -> list[Any]:
 
 
 # ------------------------------------------------------------------------------------- configuration
+# Set by serve_app from the pool config, never from the vllm section.
+_RESERVED = {
+    "model": "use pools.<name>.model",
+    "served_model_name": "use pools.<name>.served_model_name",
+    "disable_log_stats": "serve_app needs vLLM's stats (load reporting)",
+}
+
+
+def check_engine_args(args: VLLMEngineArgs) -> list[tuple[str, str]]:
+    """(key, reason) for every non-managed vLLM argument vLLM itself would not accept (typos caught early)."""
+    problems = []
+    for key in args.engine_kwargs():
+        if key in _RESERVED:
+            problems.append((key, f"set by serve_app: {_RESERVED[key]}"))
+        elif key not in _ENGINE_FIELDS and key not in _FRONTEND_FIELDS:
+            close = difflib.get_close_matches(key.replace("-", "_"), sorted(_ENGINE_FIELDS | _FRONTEND_FIELDS), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            problems.append((key, f"not an AsyncEngineArgs field nor a vllm serve front-end option{hint}"))
+    return problems
+
+
 def _split_extra(extra: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """`vllm.extra` holds AsyncEngineArgs fields and `vllm serve` front-end options (e.g. tool_call_parser)."""
+    """Flat keys / `vllm.extra`: AsyncEngineArgs fields and `vllm serve` front-end options (e.g. tool_call_parser)."""
     engine, frontend = {}, {}
     for key, value in extra.items():
-        if key in _ENGINE_FIELDS:
+        if key in _ENGINE_FIELDS and key not in _RESERVED:
             engine[key] = value
-        elif key in _FRONTEND_FIELDS:
+        elif key in _FRONTEND_FIELDS and key not in _RESERVED:
             frontend[key] = value
         else:
-            raise ValueError(f"vllm.extra.{key}: not an AsyncEngineArgs field nor a vllm serve front-end option")
+            raise ValueError(f"vllm.{key}: not an AsyncEngineArgs field nor a vllm serve front-end option")
     return engine, frontend
 
 
+def lora_module_paths(args: VLLMEngineArgs, served_name: str) -> list[LoRAModulePath]:
+    return [LoRAModulePath(name, expand_path(path), served_name) for name, path in args.lora_modules.items()]
+
+
 def build_engine_args(model: str, served_name: str, args: VLLMEngineArgs) -> tuple[AsyncEngineArgs, BaseFrontendArgs]:
-    engine_extra, frontend_extra = _split_extra(args.extra)
+    engine_extra, frontend_extra = _split_extra(args.engine_kwargs())
     managed = {
         "dtype": resolve_dtype(args.dtype, current_platform.is_cpu()),  # auto on CPU: the native dtype
         "max_model_len": args.max_model_len,
@@ -132,15 +161,19 @@ def build_engine_args(model: str, served_name: str, args: VLLMEngineArgs) -> tup
         "quantization": args.quantization,
         "kv_cache_dtype": args.kv_cache_dtype,
         "tensor_parallel_size": args.tensor_parallel_size,
+        "pipeline_parallel_size": args.pipeline_parallel_size,
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "seed": args.seed,
+        "enable_lora": True if args.lora_modules else None,
     }
     kwargs: dict[str, Any] = {k: v for k, v in managed.items() if v is not None}  # None: vLLM's default
     kwargs.update(apply_kv_cache_space(args.cpu_kv_cache_space_gib))
     kwargs.update(engine_extra)
-    # Load numbers come from the stat loggers, so stats must stay on whatever `extra` says.
+    # Load numbers come from the stat loggers, so stats must stay on.
     kwargs.update(model=model, served_model_name=[served_name], disable_log_stats=False)
+    if args.lora_modules:
+        frontend_extra["lora_modules"] = lora_module_paths(args, served_name)
     return AsyncEngineArgs(**kwargs), BaseFrontendArgs(**frontend_extra)
 
 
@@ -179,6 +212,8 @@ class VLLMEngine:
         self._llm: AsyncLLM | None = None
         self._chat: OpenAIServingChat | None = None
         self._completion: OpenAIServingCompletion | None = None
+        self._tokenization: ServingTokenization | None = None
+        self._models: OpenAIServingModels | None = None
         self._log_task: asyncio.Task[None] | None = None
 
     # ----------------------------------------------------------------------------------- lifecycle
@@ -234,6 +269,7 @@ class VLLMEngine:
             lora_modules=fe.lora_modules,
         )
         await models.init_static_loras()  # type: ignore[no-untyped-call]
+        self._models = models
         common: dict[str, Any] = {
             "request_logger": request_logger,
             "chat_template": chat_template,
@@ -273,6 +309,15 @@ class VLLMEngine:
         self._completion = OpenAIServingCompletion(
             llm, models, online_renderer=renderer, request_logger=request_logger, **shared
         )
+        self._tokenization = ServingTokenization(
+            models,
+            renderer,
+            request_logger=request_logger,
+            chat_template=chat_template,
+            chat_template_content_format=fe.chat_template_content_format,
+            default_chat_template_kwargs=template_kwargs,
+            trust_request_chat_template=fe.trust_request_chat_template,
+        )
 
     async def check_health(self) -> None:
         if self._llm is None:
@@ -290,7 +335,7 @@ class VLLMEngine:
             self._log_task.cancel()
             self._log_task = None
         llm, self._llm = self._llm, None
-        self._chat = self._completion = None
+        self._chat = self._completion = self._tokenization = self._models = None
         if llm is not None:
             # Stops the engine-core process (and waits for it) and the output handler task.
             llm.shutdown()
@@ -320,6 +365,11 @@ class VLLMEngine:
             "max_model_len": int(cfg.model_config.max_model_len),
             "served_model_name": self.served_model_name,
             "model": self.model,
+            # LoRA adapters as vLLM's /v1/models lists them: id, root (path), parent (base model).
+            "lora_adapters": [
+                {"id": r.lora_name, "root": r.path, "parent": r.base_model_name or self.served_model_name}
+                for r in (self._models.lora_requests.values() if self._models is not None else ())
+            ],
         }
 
     # ----------------------------------------------------------------------------------- requests
@@ -328,6 +378,32 @@ class VLLMEngine:
 
     def completion(self, body: dict[str, Any], request_id: str) -> AsyncIterator[Reply]:
         return self._serve(body, request_id, CompletionRequest, self._call_completion)
+
+    async def tokenize(self, body: dict[str, Any]) -> Reply:
+        """POST /tokenize (vLLM's ServingTokenization, as `vllm serve`): a completion prompt or chat messages."""
+        if self._tokenization is None:
+            raise RuntimeError("vLLM engine not started")
+        try:
+            request = _TOKENIZE.validate_python(body)
+            result = await self._tokenization.create_tokenize(request, None)  # type: ignore[arg-type]
+        except ValidationError as err:
+            return _validation_error(err)
+        except Exception as exc:  # vLLM's own validators and renderer errors, as vllm serve answers them
+            return _error_reply(create_error_response(exc))
+        return _error_reply(result) if isinstance(result, ErrorResponse) else JSONReply(result.model_dump(mode="json"))
+
+    async def detokenize(self, body: dict[str, Any]) -> Reply:
+        """POST /detokenize (vLLM's ServingTokenization, as `vllm serve`)."""
+        if self._tokenization is None:
+            raise RuntimeError("vLLM engine not started")
+        try:
+            request = DetokenizeRequest.model_validate(body)
+            result = await self._tokenization.create_detokenize(request, None)  # type: ignore[arg-type]
+        except ValidationError as err:
+            return _validation_error(err)
+        except Exception as exc:
+            return _error_reply(create_error_response(exc))
+        return _error_reply(result) if isinstance(result, ErrorResponse) else JSONReply(result.model_dump(mode="json"))
 
     async def _call_chat(self, request: Any) -> Any:
         if self._chat is None:
@@ -412,4 +488,4 @@ def _cancel_requested() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-__all__ = ["VLLMEngine", "build_engine_args"]
+__all__ = ["VLLMEngine", "build_engine_args", "check_engine_args"]
