@@ -67,7 +67,7 @@ def layer_of(frames: list[str]) -> str:
 
 def _short(frame: str) -> str:
     """`fn (/long/site-packages/ray/serve/x.py:12)` -> `fn (ray/serve/x.py:12)`."""
-    return re.sub(r"\(/[^)]*?(site-packages|work/main|lib/python3\.\d+)/", "(", frame)
+    return re.sub(r"\(/[^)]*(site-packages|work/main|lib/python3\.\d+)/", "(", frame)
 
 
 def summarize(raw: str, rate: int = RATE_HZ, top: int = 15) -> dict[str, Any]:
