@@ -232,7 +232,15 @@ class RouteConfig(_Strict):
     lora: str | None = Field(
         None, description="A LoRA adapter of that pool (a key of its vllm.lora_modules) to serve instead of the base."
     )
-    gemini_model: str | None = Field(None, description="Gemini model for hosted_only/spill, e.g. gemini-2.5-flash.")
+    gemini_model: str | None = Field(
+        None, description="Gemini model for hosted_only/spill, e.g. gemini-3.5-flash-lite."
+    )
+    gemini_thinking_budget: int | None = Field(
+        None,
+        ge=-1,
+        description="Thinking-token budget for this route's Gemini calls (overrides gemini.thinking_budget; "
+        "None: use that; 0: no thinking where the model allows it; -1: the model's dynamic thinking).",
+    )
     saturation: SaturationThresholds = Field(default_factory=SaturationThresholds, description="Spill thresholds.")
     breaker: BreakerConfig = Field(default_factory=BreakerConfig, description="Degradation breaker.")
 
@@ -251,7 +259,20 @@ class GeminiConfig(_Strict):
     api_key_env: str = Field("GEMINI_API_KEY", description="Environment variable that holds the API key.")
     base_url: str | None = Field(None, description="API base URL (env GEMINI_BASE_URL overrides; None: Google).")
     api_version: str = Field("v1beta", description="Gemini REST API version.")
-    timeout_s: float = Field(60.0, gt=0, description="Deadline for one whole call.")
+    timeout_s: float = Field(
+        60.0, gt=0, description="Deadline for a whole non-streaming call, and for the first event of a stream."
+    )
+    stream_idle_timeout_s: float = Field(
+        30.0, gt=0, description="Longest wait between two events of a stream before it is abandoned as stalled."
+    )
+    thinking_budget: int | None = Field(
+        0,
+        ge=-1,
+        description="Thinking tokens per call (generationConfig.thinkingConfig.thinkingBudget). Thinking tokens "
+        "count against max_tokens, so a thinking model can spend a small spilled max_tokens on thoughts and answer "
+        "nothing: 0 (the default) asks for no thinking; models that cannot switch it off reject 0 (the start-up "
+        "probe shows it). -1: the model's dynamic thinking; None: send no thinking setting (model default).",
+    )
     connect_retries: int = Field(0, ge=0, description="SDK retry attempts on 429/5xx/connection errors.")
     retry_after_s: int = Field(5, ge=1, description="Retry-After sent to clients when Gemini rate-limits.")
 

@@ -8,12 +8,19 @@ ready SSE text.
 
 from __future__ import annotations
 
+import math
+import re
 import time
 from typing import Any, Literal
 
+from serve_app import errors
+from serve_app.errors import ServiceUnavailable
 from serve_app.protocol import ChunkReply, sse
 
 Kind = Literal["chat", "completion"]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
+MAX_RETRY_AFTER_S = 3600  # upstream retry delays are clamped to this (a malformed one must not overflow)
 
 _FINISH = {
     "STOP": "stop",
@@ -101,12 +108,16 @@ class StreamRenderer:
     """Turns Gemini stream events into OpenAI chunks, one `ChunkReply` per event that carries something.
 
     The first chunk carries `delta.role = "assistant"` (chat) together with the first text, so the very
-    first item the gateway sees already holds the first token. Only candidate 0 is rendered: streams
-    with n > 1 are refused up front.
+    first item the gateway sees already holds the first token; a continuation (`continuation=True`: the
+    client's stream already had its role) sends no role. Only candidate 0 is rendered: streams with n > 1
+    are refused up front.
     """
 
-    def __init__(self, kind: Kind, alias: str, request_id: str, *, include_usage: bool) -> None:
+    def __init__(
+        self, kind: Kind, alias: str, request_id: str, *, include_usage: bool, continuation: bool = False
+    ) -> None:
         self.kind, self.alias, self.include_usage = kind, alias, include_usage
+        self.continuation = continuation
         self.id = response_id(kind, request_id)
         self.created = int(time.time())
         self.started = False
@@ -131,12 +142,14 @@ class StreamRenderer:
         return ChunkReply(data=data, tokens=tokens)
 
     def close(self) -> list[ChunkReply]:
-        """Chunks after the upstream ended: a finish chunk if none came, then the usage chunk."""
-        out: list[ChunkReply] = []
+        """The usage chunk after the upstream ended with a finish reason.
+
+        An upstream stream that ends without one was cut (connection dropped, proxy timeout): the answer is
+        incomplete, so it is an error (ServiceUnavailable), never a `stop` the client would take as complete.
+        """
         if not self.finished:
-            # The upstream ended without a finish reason; clients still need a terminal choice.
-            out.append(ChunkReply(data=self._event("", "stop")))
-            self.started = self.finished = True
+            raise ServiceUnavailable("the hosted model's stream ended without a finish reason (incomplete answer)")
+        out: list[ChunkReply] = []
         final = usage(self.meta)
         if not self.meta:
             final = {"prompt_tokens": 0, "completion_tokens": self.counted, "total_tokens": self.counted}
@@ -162,7 +175,7 @@ class StreamRenderer:
         choice: dict[str, Any] = {"index": 0}
         if self.kind == "chat":
             delta: dict[str, Any] = {}
-            if not self.started:
+            if not self.started and not self.continuation:
                 delta["role"] = "assistant"
             if text or not self.started:
                 delta["content"] = text
@@ -174,3 +187,64 @@ class StreamRenderer:
         body = {"id": self.id, "object": self._object(), "created": self.created, "model": self.alias}
         body["choices"] = [choice]
         return sse(body)
+
+
+# ----------------------------------------------------------------------------- upstream errors
+def map_upstream_error(
+    code: int,
+    status: str | None,
+    message: str,
+    details: Any,
+    *,
+    model: str,
+    retry_after_s: int,
+    retry_after_header: str | None = None,
+) -> errors.APIError:
+    """The APIError for a Gemini HTTP error (code, status, message, raw error JSON)."""
+    label = f"HTTP {code}{' ' + status if status else ''}"
+    if code == 429:
+        delay = _retry_delay(details, retry_after_header)
+        seconds = delay if delay is not None else retry_after_s
+        return errors.RateLimited(
+            f"the hosted model is rate-limited ({label}); retry after {seconds} s",
+            headers={"Retry-After": str(seconds)},
+        )
+    if code in (401, 403) or (code == 400 and _is_key_error(status, message, details)):
+        return errors.ServiceUnavailable(f"the hosted model rejected the gateway's credentials ({label})")
+    if code == 404:
+        return errors.ServiceUnavailable(f"hosted model {model!r} is not available upstream ({label})")
+    if code == 408 or code >= 500 or code == 0:
+        return errors.ServiceUnavailable(f"the hosted model is unavailable ({label})")
+    detail = message or "no message"
+    return errors.BadRequest(f"the hosted model rejected the request ({label}): {detail}")
+
+
+def _is_key_error(status: str | None, message: str, details: Any) -> bool:
+    # Gemini reports a wrong key as 400 INVALID_ARGUMENT with reason API_KEY_INVALID in its details.
+    reasons = {d.get("reason") for d in _detail_items(details)}
+    return bool(reasons & {"API_KEY_INVALID", "API_KEY_SERVICE_BLOCKED"}) or "api key" in message.lower()
+
+
+def _retry_delay(details: Any, header: str | None) -> int | None:
+    """Seconds from google.rpc.RetryInfo (`"retryDelay": "17s"`) or an HTTP Retry-After header."""
+    for item in _detail_items(details):
+        if str(item.get("@type", "")).endswith("google.rpc.RetryInfo"):
+            match = _DURATION.match(str(item.get("retryDelay", "")))
+            if match:
+                return _clamp_delay(float(match.group(1)))
+    if header and header.strip().isdigit():
+        return _clamp_delay(float(header.strip()))
+    return None
+
+
+def _clamp_delay(seconds: float) -> int:
+    """Whole seconds in [1, MAX_RETRY_AFTER_S]; a malformed huge delay (even "inf") becomes the maximum."""
+    if not math.isfinite(seconds) or seconds >= MAX_RETRY_AFTER_S:
+        return MAX_RETRY_AFTER_S
+    return max(1, math.ceil(seconds))
+
+
+def _detail_items(details: Any) -> list[dict[str, Any]]:
+    err = details.get("error", details) if isinstance(details, dict) else None
+    items = err.get("details") if isinstance(err, dict) else None
+    return [d for d in items if isinstance(d, dict)] if isinstance(items, list) else []

@@ -17,6 +17,13 @@ instead of being silently degraded):
   also echo, best_of > 1, suffix, logprobs, and prompts that are not one string.
 - ignored (no effect on the generated text): user, metadata, store, service_tier, parallel_tool_calls,
   stream_options (only include_usage matters, handled by the adapter), message `name`.
+
+Two settings come from the gateway, not the client (keyword arguments of `build_request`):
+- thinking_budget → generationConfig.thinkingConfig.thinkingBudget (None: not sent).
+- continue_final_message: continue a partial answer (mid-stream failover). Chat: the messages end with the
+  assistant message holding the partial answer, which becomes a trailing `model` turn (no new user turn).
+  Completion: `prompt` is `[original_prompt, partial_answer]`, sent as a user turn and a trailing `model` turn.
+  Gemini then generates only the text that follows the partial answer.
 """
 
 from __future__ import annotations
@@ -101,7 +108,9 @@ def check_supported(body: dict[str, Any], kind: Kind) -> None:
     build_request(body, kind)  # raises on message shapes, formats and values it cannot translate
 
 
-def build_request(body: dict[str, Any], kind: Kind) -> GeminiRequest:
+def build_request(
+    body: dict[str, Any], kind: Kind, *, thinking_budget: int | None = None, continue_final_message: bool = False
+) -> GeminiRequest:
     """Translate a validated OpenAI request body into a Gemini call. Raises BadRequest on malformed input."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
@@ -111,10 +120,23 @@ def build_request(body: dict[str, Any], kind: Kind) -> GeminiRequest:
         system, contents = _contents(body.get("messages"))
         if system:
             config["system_instruction"] = {"parts": [{"text": t} for t in system]}
+        if continue_final_message and contents[-1]["role"] != "model":
+            raise BadRequest("continuing needs a final assistant message with text", param="messages")
+    elif continue_final_message:
+        prompt, partial = _continuation_prompt(body.get("prompt"))
+        contents = [{"role": "user", "parts": [{"text": prompt}]}, {"role": "model", "parts": [{"text": partial}]}]
     else:
         contents = [{"role": "user", "parts": [{"text": _prompt_text(body.get("prompt"))}]}]
     config.update(_generation_config(body))
+    if thinking_budget is not None:
+        config["thinking_config"] = {"thinking_budget": thinking_budget}
     return GeminiRequest(model=model, contents=contents, config=config)
+
+
+def _continuation_prompt(prompt: Any) -> tuple[str, str]:
+    if not (isinstance(prompt, list) and len(prompt) == 2 and all(isinstance(p, str) and p for p in prompt)):
+        raise BadRequest("continuing a completion needs prompt = [original prompt, partial answer]", param="prompt")
+    return prompt[0], prompt[1]
 
 
 # ----------------------------------------------------------------------------------------- messages

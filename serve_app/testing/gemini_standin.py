@@ -6,10 +6,12 @@ Routes (what google-genai 3.x sends):
        per event, the last one carries finishReason and usageMetadata; no [DONE])
   GET|POST /_control   read / change the controls (JSON)       GET|DELETE /_requests   the request log
 
-The reply is deterministic: "Gemini stand-in reply: " + the words of the last user turn (candidate i > 0
-says "reply i+1:"), one word = one token; maxOutputTokens (→ MAX_TOKENS), stopSequences and candidateCount
-are honoured. Requests must carry `x-goog-api-key` equal to the configured key (missing → 401, wrong → 403,
-Gemini's error body). The request log keeps headers without the key's value (only whether it matched).
+The reply is deterministic (see gemini_standin_model: the words of the last user turn, continuation of a
+trailing `model` turn, thinking models). Behaviours can be set for all models (`failure`) or per model
+(`model_behaviours`, e.g. {"gone": "not_found", "busy": "429", "old": "reject_continuation",
+"thinker": "thinking", "stuck": "hang", "flaky": "cut_stream"}). Requests must carry `x-goog-api-key`
+equal to the configured key (missing → 401, wrong → 403, Gemini's error body).
+The request log keeps headers without the key's value (only whether it matched).
 
 In tests: `with running_standin(...) as s:` (a background thread on 127.0.0.1, port 0). As a process:
 `python -m serve_app.testing.gemini_standin --port N [--latency-ms ..] [--tokens-per-second ..]`, key from
@@ -27,14 +29,28 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
-FAILURES = ("none", "400", "429", "500", "503", "mid_stream_error", "hang")
-_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
-           429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE"}  # fmt: skip
+from serve_app.testing.gemini_standin_model import (
+    Candidate,
+    cand,
+    ends_with_model_turn,
+    error_body,
+    reply_candidates,
+    sse,
+    usage,
+)
+
+__all__ = ["BEHAVIOURS", "FAILURES", "Controls", "StandIn", "error_body", "reply_candidates", "running_standin"]
+
+# cut_stream: the stream ends cleanly after `fail_after_events` text events, without a finishReason.
+FAILURES = ("none", "400", "429", "500", "503", "mid_stream_error", "hang", "cut_stream")
+# Per-model behaviours: any failure, or a model that does not exist, rejects a trailing `model` turn with
+# 400 (no continuation / prefill), or thinks `thinking_tokens` out of maxOutputTokens by default.
+BEHAVIOURS = (*FAILURES, "not_found", "reject_continuation", "thinking")
 _KEY_HEADER = "x-goog-api-key"
 _SECRET_HEADERS = {_KEY_HEADER, "authorization"}
 DEFAULT_KEY = "standin-test-key"
@@ -46,63 +62,29 @@ class Controls:
 
     latency_ms: float = 0.0  # before the first event (or the whole non-streaming response)
     tokens_per_second: float = 0.0  # stream pacing; 0 = as fast as possible
-    failure: str = "none"  # one of FAILURES
-    fail_after_events: int = 1  # mid_stream_error: text events sent before the error event
-    retry_delay_s: float | None = None  # 429: add google.rpc.RetryInfo with this delay
+    failure: str = "none"  # one of FAILURES, for every model without a behaviour of its own
+    fail_after_events: int = 1  # mid_stream_error / cut_stream: text events sent before the error / the end
+    retry_delay_s: float | str | None = None  # 429: add google.rpc.RetryInfo with this delay (a str: verbatim)
     finish_reason: str | None = None  # override the final finishReason (e.g. "SAFETY")
     thoughts_tokens: int = 0  # report this many thinking tokens in usageMetadata
     known_models: tuple[str, ...] | None = None  # None: any model exists; else others get 404
+    model_behaviours: dict[str, str] = field(default_factory=dict)  # model -> one of BEHAVIOURS
+    thinking_tokens: int = 48  # what a "thinking" model spends on thoughts unless its budget caps it
 
     def __post_init__(self) -> None:
         if self.failure not in FAILURES:
             raise ValueError(f"failure must be one of {FAILURES}, not {self.failure!r}")
+        bad = {m: b for m, b in self.model_behaviours.items() if b not in BEHAVIOURS}
+        if bad:
+            raise ValueError(f"model_behaviours values must be among {BEHAVIOURS}, not {bad}")
+        if self.thinking_tokens < 0:
+            raise ValueError("thinking_tokens must be >= 0")
+
+    def behaviour(self, model: str) -> str:
+        """What this model does: its own behaviour, else the global failure."""
+        return self.model_behaviours.get(model, self.failure)
         if self.latency_ms < 0 or self.tokens_per_second < 0 or self.fail_after_events < 0:
             raise ValueError("latency_ms, tokens_per_second and fail_after_events must be >= 0")
-
-
-def error_body(code: int, message: str, details: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    err: dict[str, Any] = {"code": code, "message": message, "status": _STATUS.get(code, "UNKNOWN")}
-    if details:
-        err["details"] = details
-    return {"error": err}
-
-
-@dataclass
-class _Candidate:
-    words: list[str]
-    finish: str
-
-
-def _texts(content: Any) -> list[str]:
-    parts = content.get("parts") if isinstance(content, dict) else None
-    return [p["text"] for p in parts or [] if isinstance(p, dict) and isinstance(p.get("text"), str)]
-
-
-def _prompt_tokens(body: dict[str, Any]) -> int:
-    texts = _texts(body.get("systemInstruction"))
-    for content in body.get("contents") or []:
-        texts += _texts(content)
-    return sum(len(t.split()) for t in texts)
-
-
-def reply_candidates(body: dict[str, Any]) -> list[_Candidate]:
-    """The deterministic reply for a generateContent body, one entry per candidate."""
-    user_turns = [c for c in body.get("contents") or [] if isinstance(c, dict) and c.get("role", "user") == "user"]
-    prompt_words = " ".join(_texts(user_turns[-1])).split() if user_turns else []
-    cfg = body.get("generationConfig") or {}
-    max_tokens = cfg.get("maxOutputTokens")
-    stops = [s for s in cfg.get("stopSequences") or [] if s]
-    out = []
-    for i in range(int(cfg.get("candidateCount") or 1)):
-        label = "reply:" if i == 0 else f"reply {i + 1}:"
-        full = " ".join(["Gemini", "stand-in", label, *prompt_words])
-        cut = min((idx for idx in (full.find(s) for s in stops) if idx >= 0), default=-1)
-        words = (full[:cut] if cut >= 0 else full).split()
-        finish = "STOP"
-        if isinstance(max_tokens, int) and len(words) > max_tokens:
-            words, finish = words[:max_tokens], "MAX_TOKENS"
-        out.append(_Candidate(words, finish))
-    return out
 
 
 class StandIn:
@@ -179,6 +161,7 @@ class StandIn:
             ready.set()
             loop.run_forever()
             loop.run_until_complete(self.stop_async())
+            loop.run_until_complete(_cancel_pending())  # handlers still pacing a stream nobody reads any more
             loop.close()
 
         self._thread = threading.Thread(target=run, name="gemini-standin", daemon=True)
@@ -210,68 +193,71 @@ class StandIn:
         if key != self.api_key:
             return _error(403, "API key not valid. Please pass a valid API key.")
         ctl = self.controls()
+        behaviour = ctl.behaviour(model)
         if version not in ("v1beta", "v1") or action not in ("generateContent", "streamGenerateContent"):
             return _error(404, f"{request.path} is not a Gemini method")
-        if ctl.known_models is not None and model not in ctl.known_models:
+        if (ctl.known_models is not None and model not in ctl.known_models) or behaviour == "not_found":
             return _error(404, f"models/{model} is not found for API version {version}")
         if not isinstance(body, dict) or not body.get("contents"):
             return _error(400, "* GenerateContentRequest.contents: contents is not specified")
+        if behaviour == "reject_continuation" and ends_with_model_turn(body):
+            return _error(400, "Please ensure that the last content has the role 'user' (prefill not supported).")
         await asyncio.sleep(ctl.latency_ms / 1000)
-        if ctl.failure == "hang":
+        if behaviour == "hang":
             # Polled, not an asyncio.Event: the controls change from other threads (the test's).
-            while not self._stopping and self.controls().failure == "hang":  # noqa: ASYNC110
+            while not self._stopping and self.controls().behaviour(model) == "hang":  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
             return _error(503, "The stand-in stopped hanging.")
-        if ctl.failure in ("400", "429", "500", "503") or (
-            ctl.failure == "mid_stream_error" and action == "generateContent"
+        if behaviour in ("400", "429", "500", "503") or (
+            behaviour in ("mid_stream_error", "cut_stream") and action == "generateContent"
         ):
-            return _failure(ctl)
+            return _failure(behaviour, ctl)
         self._served += 1
-        cands = reply_candidates(body)
-        usage = _usage(body, cands, ctl)
+        cands = reply_candidates(body, thinking_tokens=ctl.thinking_tokens if behaviour == "thinking" else 0)
+        use = usage(body, cands, ctl.thoughts_tokens)
         if action == "generateContent":
-            return web.json_response(self._whole(model, cands, usage, ctl))
-        return await self._stream(request, entry, model, cands, usage, ctl)
+            return web.json_response(self._whole(model, cands, use, ctl))
+        return await self._stream(request, entry, model, cands, use, ctl, behaviour)
 
-    def _whole(self, model: str, cands: list[_Candidate], usage: dict[str, int], ctl: Controls) -> dict[str, Any]:
-        out = [_cand(i, " ".join(c.words), ctl.finish_reason or c.finish) for i, c in enumerate(cands)]
-        return {
-            "candidates": out,
-            "usageMetadata": usage,
-            "modelVersion": model,
-            "responseId": f"standin-{self._served}",
-        }
+    def _whole(self, model: str, cands: list[Candidate], use: dict[str, int], ctl: Controls) -> dict[str, Any]:
+        out = [cand(i, c.text, ctl.finish_reason or c.finish) for i, c in enumerate(cands)]
+        return {"candidates": out, "usageMetadata": use, "modelVersion": model, "responseId": f"standin-{self._served}"}
 
     async def _stream(
         self,
         request: web.Request,
         entry: dict[str, Any],
         model: str,
-        cands: list[_Candidate],
-        usage: dict[str, int],
+        cands: list[Candidate],
+        use: dict[str, int],
         ctl: Controls,
+        behaviour: str,
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        steps = max(1, max(len(c.words) for c in cands))
+        steps = max(1, max(len(c.pieces) for c in cands))
         try:
             for step in range(steps):
                 last = step == steps - 1
-                if ctl.failure == "mid_stream_error" and step >= ctl.fail_after_events:
-                    await resp.write(_sse(error_body(500, "Stand-in failure in the middle of the stream.")))
+                if behaviour == "mid_stream_error" and step >= ctl.fail_after_events:
+                    await resp.write(sse(error_body(500, "Stand-in failure in the middle of the stream.")))
+                    return resp
+                if behaviour == "cut_stream" and step >= ctl.fail_after_events:
+                    self._note(entry, "cut")  # noted first: the client may look as soon as the stream ends
+                    await resp.write_eof()  # a clean end, but no finishReason: the answer is incomplete
                     return resp
                 if step and ctl.tokens_per_second > 0:
                     await asyncio.sleep(1 / ctl.tokens_per_second)
                 event_cands = []
                 for i, c in enumerate(cands):
-                    piece = (" " if step else "") + c.words[step] if step < len(c.words) else ""
+                    piece = c.pieces[step] if step < len(c.pieces) else ""
                     if piece or last:
-                        event_cands.append(_cand(i, piece, (ctl.finish_reason or c.finish) if last else None))
+                        event_cands.append(cand(i, piece, (ctl.finish_reason or c.finish) if last else None))
                 event: dict[str, Any] = {"candidates": event_cands, "modelVersion": model}
                 event["responseId"] = f"standin-{self._served}"
                 if last:
-                    event["usageMetadata"] = usage
-                await resp.write(_sse(event))
+                    event["usageMetadata"] = use
+                await resp.write(sse(event))
             await resp.write_eof()
             self._note(entry, "complete")
         except (ConnectionResetError, asyncio.CancelledError):
@@ -315,45 +301,36 @@ class StandIn:
             entry["stream_outcome"] = outcome
 
 
+async def _cancel_pending() -> None:
+    pending = asyncio.all_tasks() - {asyncio.current_task()}
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+
+
 def _normalise(controls: dict[str, Any]) -> dict[str, Any]:
     if controls.get("known_models") is not None:
         controls = {**controls, "known_models": tuple(controls["known_models"])}
+    if controls.get("model_behaviours") is not None:
+        controls = {**controls, "model_behaviours": dict(controls["model_behaviours"])}
     return controls
-
-
-def _cand(index: int, text: str, finish: str | None) -> dict[str, Any]:
-    cand: dict[str, Any] = {"content": {"role": "model", "parts": [{"text": text}]}, "index": index}
-    if finish is not None:
-        cand["finishReason"] = finish
-    return cand
-
-
-def _usage(body: dict[str, Any], cands: list[_Candidate], ctl: Controls) -> dict[str, int]:
-    prompt, generated = _prompt_tokens(body), sum(len(c.words) for c in cands)
-    usage = {"promptTokenCount": prompt, "candidatesTokenCount": generated}
-    if ctl.thoughts_tokens:
-        usage["thoughtsTokenCount"] = ctl.thoughts_tokens
-    usage["totalTokenCount"] = prompt + generated + ctl.thoughts_tokens
-    return usage
-
-
-def _sse(payload: dict[str, Any]) -> bytes:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
 
 
 def _error(code: int, message: str, details: list[dict[str, Any]] | None = None) -> web.Response:
     return web.json_response(error_body(code, message, details), status=code)
 
 
-def _failure(ctl: Controls) -> web.Response:
-    if ctl.failure == "429":
+def _failure(failure: str, ctl: Controls) -> web.Response:
+    if failure == "429":
         details = None
         if ctl.retry_delay_s is not None:
-            details = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{ctl.retry_delay_s:g}s"}]
+            delay = ctl.retry_delay_s
+            text = delay if isinstance(delay, str) else f"{delay:g}s"  # a str tests malformed upstream values
+            details = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": text}]
         return _error(429, "Resource has been exhausted (e.g. check quota).", details)
-    if ctl.failure == "400":
+    if failure == "400":
         return _error(400, "Stand-in rejected the request: * GenerateContentRequest.generation_config: invalid.")
-    if ctl.failure == "503":
+    if failure == "503":
         return _error(503, "The model is overloaded. Please try again later.")
     return _error(500, "An internal error has occurred.")
 

@@ -35,6 +35,8 @@ def stand(standin: StandIn) -> StandIn:
         finish_reason=None,
         thoughts_tokens=0,
         known_models=None,
+        model_behaviours={},
+        thinking_tokens=48,
     )
     standin.clear_requests()
     return standin

@@ -59,6 +59,7 @@ async def test_chat_non_stream_shape_usage_and_request_format(backend: GeminiBac
         "seed": 7,
         "presencePenalty": 0.5,
         "frequencyPenalty": 0.25,
+        "thinkingConfig": {"thinking_budget": 0},  # GeminiConfig.thinking_budget's default (no thinking)
     }
 
 
@@ -120,7 +121,11 @@ async def test_n_candidates_and_stop_sequences(backend: GeminiBackend, stand: St
     assert resp.choices[0].message.content == "Gemini stand-in reply: alpha beta"
     assert resp.choices[1].message.content == "Gemini stand-in reply 2: alpha beta"
     assert all(c.finish_reason == "stop" for c in resp.choices)
-    assert stand.requests()[0]["body"]["generationConfig"] == {"stopSequences": ["gamma"], "candidateCount": 2}
+    assert stand.requests()[0]["body"]["generationConfig"] == {
+        "stopSequences": ["gamma"],
+        "candidateCount": 2,
+        "thinkingConfig": {"thinking_budget": 0},
+    }
 
 
 @pytest.mark.parametrize(

@@ -102,7 +102,7 @@ def _body(text: str, **gen: object) -> dict[str, object]:
 def test_reply_is_deterministic_and_honours_generation_config(
     body: dict[str, object], expected: list[tuple[str, str]]
 ) -> None:
-    assert [(" ".join(c.words), c.finish) for c in reply_candidates(body)] == expected
+    assert [(c.text, c.finish) for c in reply_candidates(body)] == expected
 
 
 async def test_latency_and_tokens_per_second_pace_the_stream(stand: StandIn) -> None:

@@ -243,11 +243,23 @@ def test_stream_renderer_counts_tokens_from_upstream_usage() -> None:
         ChatCompletionChunk.model_validate(_parse(chunk.data))
 
 
-def test_stream_renderer_closes_a_stream_without_finish_reason() -> None:
+def test_stream_renderer_refuses_to_close_a_stream_without_finish_reason() -> None:
+    # An upstream stream that just stops was cut: reporting `stop` would pass a truncated answer as complete.
     r = StreamRenderer("completion", "alias", "rid", include_usage=True)
     assert r.feed(_resp("abc", finish=None)) is not None
-    finish, usage_chunk = r.close()
-    assert _parse(finish.data)["choices"][0]["finish_reason"] == "stop"
+    with pytest.raises(errors.ServiceUnavailable, match="without a finish reason"):
+        r.close()
+
+
+def test_stream_renderer_refuses_an_empty_upstream() -> None:
+    with pytest.raises(errors.ServiceUnavailable, match="without a finish reason"):
+        StreamRenderer("chat", "alias", "rid", include_usage=False).close()
+
+
+def test_stream_renderer_closes_a_finished_stream_with_usage_only() -> None:
+    r = StreamRenderer("completion", "alias", "rid", include_usage=True)
+    r.feed(_resp("abc", finish="STOP"))
+    (usage_chunk,) = r.close()
     assert not usage_chunk.usage_only and usage_chunk.usage == {
         "prompt_tokens": 0,
         "completion_tokens": 1,
@@ -255,10 +267,10 @@ def test_stream_renderer_closes_a_stream_without_finish_reason() -> None:
     }
 
 
-def test_stream_renderer_empty_upstream_still_yields_a_role_chunk() -> None:
-    r = StreamRenderer("chat", "alias", "rid", include_usage=False)
-    finish, _ = r.close()
-    assert _parse(finish.data)["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+def test_stream_renderer_continuation_sends_no_role() -> None:
+    r = StreamRenderer("chat", "alias", "rid", include_usage=False, continuation=True)
+    first = r.feed(_resp(" more", finish=None))
+    assert first is not None and _parse(first.data)["choices"][0]["delta"] == {"content": " more"}
 
 
 # ------------------------------------------------------------------------------------ errors
