@@ -147,7 +147,19 @@ class DeploymentOptions(_Strict):
         description="Hold stream chunks up to this long to send several per Ray hop (0: only merge chunks "
         "already waiting). Trades a bounded inter-token delay for gateway CPU; the first chunk is never held.",
     )
-    graceful_shutdown_timeout_s: float = Field(30.0, ge=0, description="Drain time before a replica stops.")
+    engine_stall_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="An engine with work but no generated token for this long is hung: the replica answers 503 "
+        "and fails its health check, so Serve replaces it.",
+    )
+    graceful_shutdown_timeout_s: float = Field(
+        300.0,
+        ge=0,
+        description="Drain limit: a stopping replica gets no new requests and keeps streaming its in-flight "
+        "ones up to this long before Serve kills it (sized for long LLM streams; KubeRay's "
+        "terminationGracePeriodSeconds must exceed it).",
+    )
 
     @model_validator(mode="after")
     def _one_of(self) -> DeploymentOptions:
@@ -219,7 +231,12 @@ class BreakerConfig(_Strict):
     min_requests_in_window: int = Field(10, ge=1, description="Error rate only counts with this many requests.")
     open_s: float = Field(10.0, gt=0, description="Time open before half-open probes.")
     half_open_probes: int = Field(2, ge=1, description="Successful probes that close it again.")
-    first_token_timeout_s: float = Field(30.0, gt=0, description="No first chunk within this = a failure.")
+    first_token_timeout_s: float = Field(
+        30.0, gt=0, description="No first output within this = a failure (retried, spilled or 503)."
+    )
+    probe_timeout_s: float = Field(
+        60.0, gt=0, description="A half-open probe still out after this long frees its slot (never sticks)."
+    )
 
 
 class RouteConfig(_Strict):
@@ -295,6 +312,19 @@ class GatewayConfig(_Strict):
     load_refresh_s: float = Field(0.5, gt=0, description="How often the gateway reads pool load.")
     log_request_text: bool = Field(False, description="Log prompts/completions in request logs (off: privacy).")
     retry_after_s: int = Field(2, ge=1, description="Retry-After on 429/503 when nothing can take a request.")
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="Deadline for a whole request (non-streaming answer, or waiting for a pool at zero)."
+    )
+    stream_idle_timeout_s: float = Field(
+        60.0, gt=0, description="A stream with no chunk for this long is failed (continued where possible)."
+    )
+    pool_retries: int = Field(
+        1, ge=0, description="Retries on another replica when a pool attempt fails before the first byte."
+    )
+    max_continuations: int = Field(
+        2, ge=0, description="Mid-stream failovers per request (continue on another replica or on Gemini)."
+    )
+    load_timeout_s: float = Field(2.0, gt=0, description="A LoadBoard read slower than this counts as failed.")
 
 
 class AppConfig(_Strict):

@@ -110,12 +110,18 @@ class LLMServer:
         logger.info("pool %s: engine %s ready in %.1f s", pool_name, self._pool.engine, time.monotonic() - started)
         self._tracker = LoadTracker()
         self._stats = load_stats(0, 0, 0.0, 0.0, 0.0)
+        self._spill: dict[str, float] = {k: 0.0 for k in autoscaling.SPILL_STAT_KEYS}
+        self._active = 0  # requests inside the engine now
+        self._stall_s = self._pool.deployment.engine_stall_timeout_s
+        self._last_generated, self._progress_at = -1, time.monotonic()
+        self._stalled = self._engine_dead = False
         try:
             ctx = serve.get_replica_context()
             self._replica_id = ctx.replica_id.unique_id
+            self._actor_name = ctx.replica_id.to_full_id_str()
             self._board: Any = get_board(ctx.app_name)
         except Exception:  # outside Serve (direct use in tests): no board
-            self._replica_id, self._board = "local", None
+            self._replica_id, self._actor_name, self._board = "local", "", None
         self._publisher = asyncio.create_task(self._publish_loop())
 
     # ------------------------------------------------------------------------------- request methods
@@ -125,7 +131,7 @@ class LLMServer:
         """A chat request for `alias`; `lora` names an adapter of this pool (None: the base model)."""
         body["model"] = target = lora or self._served
         fix = realiaser(target, alias)
-        async for item in coalesce(self._engine.chat(body, request_id), interval_s=self._batch_s):
+        async for item in coalesce(self._guarded(self._engine.chat, body, request_id), interval_s=self._batch_s):
             yield fix(item)
 
     async def completion(
@@ -133,7 +139,7 @@ class LLMServer:
     ) -> AsyncIterator[Reply]:
         body["model"] = target = lora or self._served
         fix = realiaser(target, alias)
-        async for item in coalesce(self._engine.completion(body, request_id), interval_s=self._batch_s):
+        async for item in coalesce(self._guarded(self._engine.completion, body, request_id), interval_s=self._batch_s):
             yield fix(item)
 
     async def tokenize(self, body: dict[str, Any], lora: str | None = None) -> Reply:
@@ -158,23 +164,68 @@ class LLMServer:
         return dict(self._engine.info())
 
     # ------------------------------------------------------------------------------- load and health
+    async def _guarded(self, call: Any, body: dict[str, Any], request_id: str) -> AsyncIterator[Reply]:
+        """Serve through the engine only while it is alive and making progress.
+
+        A replica whose engine died (EngineCore killed) or stalled (no progress while busy) answers 503 at
+        once instead of a slow 500, so the gateway retries elsewhere; check_health fails so Serve replaces
+        the replica; the LoadBoard shows it unhealthy so gateways stop choosing it.
+        """
+        problem = self._health_problem()
+        if problem is not None:
+            yield ErrorReply(503, error_body(f"replica unavailable: {problem}", "service_unavailable", None, 503))
+            return
+        self._active += 1
+        try:
+            async for item in call(body, request_id):
+                yield item
+        finally:
+            self._active -= 1
+
+    def _health_problem(self) -> str | None:
+        if self._engine_dead:
+            return "engine is dead"
+        if self._stalled:
+            return f"engine made no progress for {self._stall_s:g} s"
+        return None
+
     def _refresh(self) -> dict[str, float]:
+        now = time.monotonic()
         load = self._engine.load()
-        rate = self._tracker.observe(time.monotonic(), load.generated_tokens_total)
-        self._stats = load_stats(load.waiting, load.running, load.kv_cache_usage, rate, self._tracker.peak())
-        return self._stats
+        rate = self._tracker.observe(now, load.generated_tokens_total)
+        busy = self._active > 0 or load.running > 0 or load.waiting > 0
+        if load.generated_tokens_total != self._last_generated or not busy:
+            self._last_generated, self._progress_at = load.generated_tokens_total, now
+        self._stalled = busy and now - self._progress_at > self._stall_s
+        self._engine_dead = not load.healthy
+        stats = load_stats(load.waiting, load.running, load.kv_cache_usage, rate, self._tracker.peak())
+        stats["healthy"] = 0.0 if self._health_problem() else 1.0
+        stats.update(self._spill)
+        self._stats = stats
+        return stats
 
     async def _publish_loop(self) -> None:
+        """Report load to the LoadBoard twice a second; learn the pool's spilled demand in the answer.
+
+        Never dies: a failed iteration is logged and the next one runs (a dead publisher would leave the
+        pool looking stale, hence saturated, forever).
+        """
         while True:
-            stats = self._refresh()
-            if self._board is not None:
-                try:
-                    self._board.report.remote(self._pool_name, self._replica_id, stats)
-                except Exception:  # the board restarts on failure; the next report re-creates state
-                    logger.warning("pool %s: load report failed", self._pool_name, exc_info=True)
+            try:
+                stats = self._refresh()
+                if self._board is not None:
+                    ref = self._board.report.remote(self._pool_name, self._replica_id, stats, self._actor_name)
+                    async with asyncio.timeout(2.0):
+                        demand = await ref
+                    self._spill = {k: float(demand.get(k, 0.0)) for k in autoscaling.SPILL_STAT_KEYS}
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # the board restarts on failure; the next report re-creates state
+                logger.warning("pool %s: load report failed: %s", self._pool_name, type(err).__name__)
             await asyncio.sleep(_PUBLISH_INTERVAL_S)
 
-    def record_autoscaling_stats(self) -> dict[str, float]:
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        # async: runs on the replica's event loop, like the publish loop (no concurrent deque mutation)
         return self._refresh()
 
     async def stats(self) -> dict[str, Any]:
@@ -194,6 +245,10 @@ class LLMServer:
         setter(**faults)
 
     async def check_health(self) -> None:
+        self._refresh()
+        problem = self._health_problem()
+        if problem is not None:
+            raise RuntimeError(f"pool {self._pool_name}: {problem}")
         await self._engine.check_health()
 
     async def __del__(self) -> None:

@@ -41,8 +41,8 @@ TTFT_BUCKETS = [
 ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0]
 E2E_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0]
 
-OUTCOMES = ("ok", "client_error", "server_error", "rejected", "client_abort")
-SPILL_REASONS = ("saturated", "degraded", "backpressure", "error_before_first_token")
+OUTCOMES = ("ok", "client_error", "server_error", "rejected", "client_abort", "timeout")
+SPILL_REASONS = ("saturated", "degraded", "backpressure", "error_before_first_token", "first_token_timeout")
 
 
 @dataclass(frozen=True)
@@ -121,8 +121,37 @@ SPECS: dict[str, MetricSpec] = {
             ("pool",),
         ),
         MetricSpec(PREFIX + "pool_tokens_per_second", "gauge", "Tokens/s the pool generates.", ("pool",)),
+        MetricSpec(
+            PREFIX + "pool_ready_replicas", "gauge", "Replicas that reported recently and are healthy.", ("pool",)
+        ),
+        MetricSpec(
+            PREFIX + "pool_retries",
+            "counter",
+            "Pool attempts retried on another replica before the first byte.",
+            ("pool", "reason"),
+        ),
+        MetricSpec(
+            PREFIX + "failover",
+            "counter",
+            "Streams that broke after the first byte, by where they continued (to=none: ended with an error).",
+            ("from", "to", "reason"),
+        ),
+        MetricSpec(
+            PREFIX + "failover_stall_seconds",
+            "histogram",
+            "Client-visible pause while a broken stream is continued elsewhere.",
+            ("model",),
+            tuple(TTFT_BUCKETS),
+        ),
+        MetricSpec(PREFIX + "config_rejected", "counter", "Live gateway configs rejected (old one kept).", ()),
+        MetricSpec(
+            PREFIX + "gemini_model_up", "gauge", "1 when the start-up probe of a Gemini model passed.", ("model",)
+        ),
     )
 }
+
+# Metrics that exist only once their event happened (a failover, a rejected config, a Gemini probe).
+EVENT_ONLY = frozenset({"pool_retries", "failover", "failover_stall_seconds", "config_rejected", "gemini_model_up"})
 
 
 class Metrics:

@@ -18,6 +18,7 @@ from serve_app.routing import (
     PoolView,
     ReplicaLoad,
     SaturationState,
+    ready,
     saturation_score,
 )
 
@@ -30,7 +31,8 @@ class PoolState:
     breaker: CircuitBreaker
     view: PoolView = field(default_factory=lambda: PoolView(()))
     saturation: SaturationState = field(default_factory=SaturationState)
-    inflight: int = 0
+    inflight: int = 0  # this gateway's requests on the pool now
+    spilled: int = 0  # this gateway's requests on Gemini that the pool could not take
     refreshed_at: float = 0.0
 
 
@@ -66,6 +68,7 @@ class PoolMonitor:
                     kv_cache_usage=float(load.get("kv_cache_usage", 0.0)),
                     tokens_per_s=float(load.get("tokens_per_s", 0.0)),
                     age_s=max(0.0, now_wall - ts),
+                    healthy=bool(load.get("healthy", 1.0)),
                 )
                 for ts, load in snapshot.get(name, {}).values()
             )
@@ -81,8 +84,28 @@ class PoolMonitor:
         th = state.thresholds
         if th.max_inflight_per_replica is None:
             return False
-        n = max(1, len(state.view.replicas))
+        n = max(1, len(ready(state.view, th)))
         return state.inflight / n / th.max_inflight_per_replica >= th.enter
+
+    def ready_replicas(self, pool: str) -> int:
+        """Replicas of the pool that reported recently and are healthy (0: none can take a request)."""
+        state = self.pools.get(pool)
+        return 0 if state is None else len(ready(state.view, state.thresholds))
+
+    def explain(self, pool: str) -> dict[str, Any]:
+        """The inputs of the spill decision, for the request log line."""
+        s = self.pools[pool]
+        return {
+            "score": None if math.isinf(s.saturation.score) else round(s.saturation.score, 3),
+            "ready": len(ready(s.view, s.thresholds)),
+            "replicas": len(s.view.replicas),
+            "waiting": s.view.waiting,
+            "inflight": s.inflight,
+        }
+
+    def spill_demand(self) -> dict[str, dict[str, float]]:
+        """Per pool, what this gateway has on Gemini because the pool could not take it (for autoscaling)."""
+        return {name: {"spilled_ongoing": float(s.spilled)} for name, s in self.pools.items()}
 
     def breaker(self, pool: str) -> CircuitBreaker:
         return self.pools[pool].breaker
@@ -95,6 +118,8 @@ class PoolMonitor:
             ages = [r.age_s for r in s.view.replicas]
             out[name] = {
                 "replicas": len(s.view.replicas),
+                "ready_replicas": len(ready(s.view, s.thresholds)),
+                "spilled": s.spilled,
                 "waiting": s.view.waiting,
                 "running": s.view.running,
                 "kv_cache_usage": s.view.kv_cache_usage,

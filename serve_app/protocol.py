@@ -77,3 +77,31 @@ def sse_error(status: int, body: dict[str, Any]) -> str:
 def wants_usage(body: dict[str, Any]) -> bool:
     opts = body.get("stream_options")
     return isinstance(opts, dict) and bool(opts.get("include_usage"))
+
+
+ERROR_MARK = '{"error"'  # how an error event starts (vLLM and ours); generated text never contains it raw
+
+
+def split_inband_error(chunk: ChunkReply) -> tuple[ChunkReply | None, ErrorReply | None]:
+    """Split a chunk at an in-band error event (`data: {"error": ...}` inside a 200 stream, as vLLM sends
+    engine failures): the events before it, and the error as an ErrorReply. Cheap when there is none."""
+    if ERROR_MARK not in chunk.data:
+        return chunk, None
+    kept: list[str] = []
+    for event in chunk.data.split("\n\n"):
+        line = event.strip()
+        if not line:
+            continue
+        if line.startswith("data:") and line[5:].lstrip().startswith(ERROR_MARK):
+            try:
+                payload = json.loads(line[5:])
+            except ValueError:
+                payload = {"error": {"message": "malformed error event"}}
+            err = payload.get("error") if isinstance(payload, dict) else None
+            err = err if isinstance(err, dict) else {"message": str(err)}
+            code = err.get("code")
+            status = code if isinstance(code, int) and 400 <= code <= 599 else 500
+            before = ChunkReply("".join(f"{e}\n\n" for e in kept), tokens=chunk.tokens) if kept else None
+            return before, ErrorReply(status, {"error": err})
+        kept.append(line)
+    return chunk, None

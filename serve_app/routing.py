@@ -24,6 +24,7 @@ class ReplicaLoad:
     kv_cache_usage: float
     tokens_per_s: float
     age_s: float  # how long ago the replica reported this
+    healthy: bool = True  # the replica's engine is alive and making progress
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,12 +52,14 @@ class PoolView:
 
 
 def saturation_score(view: PoolView, th: SaturationThresholds) -> float:
-    """max(waiting/replica ÷ limit, KV use ÷ limit, in-flight/replica ÷ limit); stale or empty = inf.
+    """max(waiting/replica ÷ limit, KV use ÷ limit, in-flight/replica ÷ limit) over the ready replicas.
 
-    A score of 1.0 means "at the limit". Fail closed: load nobody has reported recently is not trusted.
+    A score of 1.0 means "at the limit". Only fresh, healthy replicas are scored: a replica that stopped
+    reporting (killed, restarting) or whose engine is dead takes no traffic, so it neither adds capacity
+    nor makes the pool look saturated. Fail closed only when no replica is ready.
     """
-    fresh = [r for r in view.replicas if r.age_s <= th.stale_after_s]
-    if not fresh or len(fresh) < len(view.replicas):
+    fresh = ready(view, th)
+    if not fresh:
         return math.inf
     n = len(fresh)
     waiting = sum(r.waiting for r in fresh) / n
@@ -68,6 +71,11 @@ def saturation_score(view: PoolView, th: SaturationThresholds) -> float:
     if th.max_inflight_per_replica is not None:
         score = max(score, view.inflight / n / th.max_inflight_per_replica)
     return score
+
+
+def ready(view: PoolView, th: SaturationThresholds) -> list[ReplicaLoad]:
+    """The replicas that can take a request now: reported recently and healthy."""
+    return [r for r in view.replicas if r.age_s <= th.stale_after_s and r.healthy]
 
 
 @dataclass(slots=True)
@@ -93,14 +101,29 @@ class BreakerState(Enum):
 
 
 @dataclass(slots=True)
+class Ticket:
+    """One admitted use of the pool. Settled exactly once: ok, failed, or neutral (released)."""
+
+    probe: bool
+    at: float
+    settled: bool = False
+
+
+@dataclass(slots=True)
 class CircuitBreaker:
-    """Opens on consecutive failures or an error rate over a window; half-open probes close it again."""
+    """Opens on consecutive failures or an error rate over a window; half-open probes close it again.
+
+    Only the pool's own health reaches it: a request is admitted with a Ticket and the ticket is settled
+    once — ok (the pool served it), failed (the pool failed it) or neutral (the client left, the pool was
+    never really used). A probe slot is held only by an admitted ticket and freed on every settle, or when
+    the probe has been out longer than `probe_timeout_s` (so half-open can never stick).
+    """
 
     cfg: BreakerConfig
     state: BreakerState = BreakerState.CLOSED
     opened_at: float = 0.0
     consecutive_failures: int = 0
-    probes_in_flight: int = 0
+    probes: list[Ticket] = field(default_factory=list)
     probe_successes: int = 0
     window: deque[tuple[float, bool]] = field(default_factory=deque)
 
@@ -111,36 +134,73 @@ class CircuitBreaker:
     def current(self, now: float) -> BreakerState:
         if self.state is BreakerState.OPEN and now - self.opened_at >= self.cfg.open_s:
             self.state = BreakerState.HALF_OPEN
-            self.probes_in_flight = self.probe_successes = 0
+            self.probes.clear()
+            self.probe_successes = 0
+        if self.probes:
+            self.probes = [t for t in self.probes if not t.settled and now - t.at < self.cfg.probe_timeout_s]
         return self.state
 
-    def allow(self, now: float) -> bool:
-        """May a request go to the pool now? In half-open, only a few probes at a time."""
+    @property
+    def probes_in_flight(self) -> int:
+        return len(self.probes)
+
+    def would_allow(self, now: float) -> bool:
+        """Would a request be admitted now? Takes nothing: call admit() when the pool is really used."""
         state = self.current(now)
-        if state is BreakerState.CLOSED:
-            return True
-        if state is BreakerState.HALF_OPEN and self.probes_in_flight < self.cfg.half_open_probes:
-            self.probes_in_flight += 1
-            return True
-        return False
+        return state is BreakerState.CLOSED or (
+            state is BreakerState.HALF_OPEN and len(self.probes) < self.cfg.half_open_probes
+        )
+
+    def admit(self, now: float) -> Ticket | None:
+        """Admit one use of the pool (None: not now). In half-open, a few probes at a time."""
+        if not self.would_allow(now):
+            return None
+        ticket = Ticket(probe=self.state is BreakerState.HALF_OPEN, at=now)
+        if ticket.probe:
+            self.probes.append(ticket)
+        return ticket
+
+    def allow(self, now: float) -> bool:
+        """admit() for callers that settle through record(); kept for the table tests."""
+        return self.admit(now) is not None
+
+    def settle(self, ticket: Ticket, now: float, ok: bool | None) -> None:
+        """The outcome of an admitted use; a second settle of the same ticket does nothing."""
+        if ticket.settled:
+            return
+        ticket.settled = True
+        if ticket in self.probes:
+            self.probes.remove(ticket)
+        if ok is not None:
+            self._outcome(now, ok, ticket.probe)
 
     def record(self, now: float, ok: bool) -> None:
+        """An outcome without a ticket (a probe slot, if one is held, is given back)."""
+        self.current(now)
+        probe = self.state is BreakerState.HALF_OPEN and bool(self.probes)
+        if probe:
+            self.probes.pop(0)
+        self._outcome(now, ok, probe)
+
+    def _outcome(self, now: float, ok: bool, probe: bool) -> None:
         self._trim(now)
         self.window.append((now, ok))
         state = self.current(now)
         if state is BreakerState.HALF_OPEN:
-            self.probes_in_flight = max(0, self.probes_in_flight - 1)
             if not ok:
                 self._open(now)
                 return
-            self.probe_successes += 1
+            if probe:
+                self.probe_successes += 1
             if self.probe_successes >= self.cfg.half_open_probes:
                 self.state = BreakerState.CLOSED
                 self.consecutive_failures = 0
                 self.window.clear()
             return
+        if state is BreakerState.OPEN:
+            return  # stragglers admitted before it opened say nothing new
         self.consecutive_failures = 0 if ok else self.consecutive_failures + 1
-        if state is BreakerState.CLOSED and not ok and self._should_open():
+        if not ok and self._should_open():
             self._open(now)
 
     def _should_open(self) -> bool:
@@ -155,7 +215,8 @@ class CircuitBreaker:
     def _open(self, now: float) -> None:
         self.state = BreakerState.OPEN
         self.opened_at = now
-        self.probes_in_flight = self.probe_successes = 0
+        self.probes.clear()
+        self.probe_successes = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,13 +68,35 @@ class SimulatedEngine:
         self._slot_free = asyncio.Condition()
         self.fail_before_first_token = self._cfg.fail_before_first_token
         self.fail_after_tokens = self._cfg.fail_after_tokens
+        self.error_style = "raise"  # raise (a crash) | event (vLLM: an error event inside a 200 stream)
+        self.engine_dead = False  # like a dead EngineCore: load() unhealthy, every request fails
+        self._unhung = asyncio.Event()  # cleared while "hung", like a SIGSTOPped EngineCore: no tokens
+        self._unhung.set()
 
-    def set_faults(self, fail_before_first_token: bool | None = None, fail_after_tokens: int | None = -1) -> None:
+    def set_faults(
+        self,
+        fail_before_first_token: bool | None = None,
+        fail_after_tokens: int | None = -1,
+        error_style: str | None = None,
+        engine_dead: bool | None = None,
+        hang: bool | None = None,
+    ) -> None:
         """Test hook: change the failure injection at run time (fail_after_tokens=None: never)."""
         if fail_before_first_token is not None:
             self.fail_before_first_token = fail_before_first_token
         if fail_after_tokens is None or fail_after_tokens >= 0:
             self.fail_after_tokens = fail_after_tokens
+        if error_style is not None:
+            if error_style not in ("raise", "event"):
+                raise ValueError(f"error_style must be raise or event, not {error_style!r}")
+            self.error_style = error_style
+        if engine_dead is not None:
+            self.engine_dead = engine_dead
+        if hang is not None:
+            if hang:
+                self._unhung.clear()
+            else:
+                self._unhung.set()
 
     async def start(self) -> None:
         logger.info("simulated engine %s ready (%s)", self.served_model_name, self._cfg.model_dump())
@@ -86,6 +108,7 @@ class SimulatedEngine:
             running=self._running,
             kv_cache_usage=min(1.0, self._tokens_in_flight / capacity),
             generated_tokens_total=self._generated,
+            healthy=not self.engine_dead,
         )
 
     def info(self) -> dict[str, Any]:
@@ -97,7 +120,8 @@ class SimulatedEngine:
         }
 
     async def check_health(self) -> None:
-        return None
+        if self.engine_dead:
+            raise SimulatedError("simulated engine is dead")
 
     async def shutdown(self) -> None:
         return None
@@ -171,24 +195,34 @@ class SimulatedEngine:
         if cap is not None and self._waiting >= cap and self._running >= self._cfg.max_num_seqs:
             yield ErrorReply(503, error_body("simulated engine queue is full", "ServiceUnavailable", None, 503))
             return
+        if self.engine_dead:
+            raise SimulatedError("simulated engine is dead")
         shape = _Shape(kind, request_id, self.served_model_name, body)
+        offset = continued_words(body, kind)
+        stream = bool(body.get("stream"))
         await self._acquire()
         self._tokens_in_flight += prompt_tokens
         produced = 0
         try:
+            if stream and kind == "chat":
+                yield ChunkReply(shape.role_chunk())  # vLLM sends the role before any token
             if self.fail_before_first_token:
+                if stream and self.error_style == "event":
+                    yield ChunkReply(sse(_engine_error()))
+                    return
                 raise SimulatedError("simulated failure before the first token")
             await asyncio.sleep(self._cfg.first_token_delay_s)
-            stream = bool(body.get("stream"))
-            if stream and kind == "chat":
-                yield ChunkReply(shape.role_chunk())
             text: list[str] = []
-            async for words in self._tokens(max_tokens):
+            async for words in self._tokens(max_tokens, offset):
+                await self._unhung.wait()
                 produced += len(words)
                 self._generated += len(words)
                 self._tokens_in_flight += len(words)
                 fail_at = self.fail_after_tokens
                 if fail_at is not None and produced > fail_at:
+                    if stream and self.error_style == "event":
+                        yield ChunkReply(sse(_engine_error()))
+                        return
                     raise SimulatedError("simulated failure mid-stream")
                 if stream:
                     yield ChunkReply("".join(shape.delta(w) for w in words), tokens=len(words))
@@ -208,7 +242,7 @@ class SimulatedEngine:
             self._tokens_in_flight -= prompt_tokens + produced
             await self._release()
 
-    async def _tokens(self, max_tokens: int) -> AsyncIterator[list[str]]:
+    async def _tokens(self, max_tokens: int, offset: int = 0) -> AsyncIterator[list[str]]:
         """Words at the configured rate; tokens that come due together are yielded together."""
         interval = 1.0 / self._cfg.tokens_per_second
         start = time.monotonic()
@@ -216,10 +250,37 @@ class SimulatedEngine:
         while sent < max_tokens:
             due = min(max_tokens, int((time.monotonic() - start) / interval) + 1)
             if due > sent:
-                yield [_WORDS[i % len(_WORDS)] + " " for i in range(sent, due)]
+                yield [_WORDS[(offset + i) % len(_WORDS)] + " " for i in range(sent, due)]
                 sent = due
             if sent < max_tokens:
                 await asyncio.sleep(max(interval - (time.monotonic() - start) % interval, 0) or _MAX_BATCH_WAIT_S)
+
+
+def _engine_error() -> dict[str, Any]:
+    """The event vLLM's serving layer writes into a 200 stream when the engine fails."""
+    return {"error": {"message": "EngineCore encountered an issue.", "type": "InternalServerError", "code": 500}}
+
+
+def continued_words(body: dict[str, Any], kind: str) -> int:
+    """How many answer words a continuation request already holds, so the text goes on where it broke.
+
+    Chat: the words of the final assistant message when `continue_final_message` is set. Completions: the
+    longest tail of the prompt that is the start of the answer sequence. The answer text is the same
+    sequence for every request, so "no duplicated and no missing text" can be checked exactly.
+    """
+    if kind == "chat":
+        messages = body.get("messages") or []
+        last = messages[-1] if messages else None
+        if body.get("continue_final_message") and isinstance(last, dict) and last.get("role") == "assistant":
+            return len(str(last.get("content") or "").split())
+        return 0
+    prompt = body.get("prompt")
+    words = str(prompt[0] if isinstance(prompt, list) and prompt else prompt or "").split()
+    for start in range(len(words)):
+        tail = words[start:]
+        if all(w == _WORDS[i % len(_WORDS)] for i, w in enumerate(tail)):
+            return len(tail)
+    return 0
 
 
 class _Shape:

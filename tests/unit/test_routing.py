@@ -37,7 +37,8 @@ def r(waiting: float = 0, kv: float = 0.0, age: float = 0.1) -> ReplicaLoad:
         (PoolView((r(), r()), inflight=4), 0.5),
         (PoolView(()), math.inf),  # nobody reported: fail closed
         (PoolView((r(age=10),)), math.inf),  # stale
-        (PoolView((r(), r(age=10))), math.inf),  # one stale replica
+        (PoolView((r(), r(age=10))), 0.0),  # a stale replica is ignored: the fresh one is scored
+        (PoolView((r(age=10), r(age=10))), math.inf),  # none fresh: fail closed
     ],
 )
 def test_saturation_score(view: PoolView, expected: float) -> None:
@@ -122,3 +123,78 @@ def test_decide(
         hosted_supports_request=supports,
     )
     assert (d.target, d.reason) == expected
+
+
+# ------------------------------------------------------------------------------------ breaker tickets
+TCFG = BreakerConfig(
+    failure_threshold=2, window_s=10, min_requests_in_window=100, open_s=5, half_open_probes=1, probe_timeout_s=30
+)
+
+
+def _opened(now: float = 0.0) -> CircuitBreaker:
+    b = CircuitBreaker(TCFG)
+    for _ in range(2):
+        t = b.admit(now)
+        assert t is not None
+        b.settle(t, now, False)
+    assert b.current(now) is BreakerState.OPEN
+    return b
+
+
+def test_neutral_outcomes_never_open_the_breaker() -> None:
+    """Client aborts (and back-pressure) settle neutral: ten of them leave the breaker closed."""
+    b = CircuitBreaker(TCFG)
+    for i in range(10):
+        t = b.admit(float(i))
+        assert t is not None
+        b.settle(t, float(i), None)
+    assert b.current(10.0) is BreakerState.CLOSED and b.consecutive_failures == 0
+
+
+def test_a_ticket_settles_once() -> None:
+    b = CircuitBreaker(TCFG)
+    t = b.admit(0.0)
+    assert t is not None
+    b.settle(t, 0.0, False)
+    b.settle(t, 0.1, False)  # a second settle (e.g. a finally after an except) counts nothing
+    assert b.consecutive_failures == 1 and b.current(0.1) is BreakerState.CLOSED
+
+
+def test_would_allow_takes_no_probe_slot() -> None:
+    b = _opened()
+    for _ in range(5):  # a saturated spill or a client that leaves never takes the probe
+        assert b.would_allow(5.0)
+    assert b.probes_in_flight == 0
+
+
+def test_probe_slot_is_returned_by_a_neutral_settle() -> None:
+    b = _opened()
+    probe = b.admit(5.0)
+    assert probe is not None and probe.probe and not b.would_allow(5.0)
+    b.settle(probe, 5.5, None)  # the probe's client left: no verdict, the slot is free again
+    assert b.current(5.5) is BreakerState.HALF_OPEN and b.would_allow(5.5)
+
+
+def test_probe_that_never_returns_times_out() -> None:
+    b = _opened()
+    assert b.admit(5.0) is not None and not b.would_allow(6.0)
+    assert b.would_allow(5.0 + TCFG.probe_timeout_s)  # half-open can never stick
+
+
+def test_successful_probe_closes_failed_probe_reopens() -> None:
+    b = _opened()
+    probe = b.admit(5.0)
+    assert probe is not None
+    b.settle(probe, 5.1, True)
+    assert b.current(5.1) is BreakerState.CLOSED
+    b2 = _opened()
+    probe2 = b2.admit(5.0)
+    assert probe2 is not None
+    b2.settle(probe2, 5.1, False)
+    assert b2.current(5.2) is BreakerState.OPEN
+
+
+def test_unhealthy_replicas_are_not_scored() -> None:
+    sick = ReplicaLoad(waiting=0, running=0, kv_cache_usage=0, tokens_per_s=0, age_s=0.1, healthy=False)
+    assert saturation_score(PoolView((sick,)), TH) == math.inf
+    assert saturation_score(PoolView((sick, r(waiting=1))), TH) == pytest.approx(0.5)
