@@ -54,7 +54,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--gpu-hourly-usd", type=float, help="override $/hour per GPU")
     p.add_argument("--replicas", type=float, help="self-hosted replicas (default: the pool replicas gauge)")
     p.add_argument("--gpus-per-replica", type=int, default=1, help="GPUs per replica (tensor parallel size)")
-    p.add_argument("--gemini-model", default="gemini-2.5-flash", help="hosted price to compare with")
+    p.add_argument("--gemini-model", default="gemini-3.5-flash-lite", help="hosted price to compare with")
     p.add_argument("--price-file", help="Gemini price table JSON (shape of serve_app/data/gemini_prices.json)")
     p.add_argument("--fixed-monthly-usd", type=float, default=0.0, help="on-call, engineering time, ... per month")
     p.add_argument("--capacity-tokens-per-second", type=float, help="per-replica throughput (prompt+completion)")
