@@ -51,7 +51,7 @@ PROBE_TIMEOUT_S = 10.0
 _PROBE_PROMPT = "Reply with the word OK."
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)  # no slots: callers read it with vars() / dataclasses.asdict()
 class ModelProbe:
     """The outcome of one start-up probe of a Gemini model (`GeminiBackend.probe`)."""
 

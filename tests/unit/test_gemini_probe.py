@@ -85,3 +85,16 @@ async def test_probe_sends_the_thinking_budget_spills_use(stand: StandIn, monkey
         await b.close()
     sent = [r["body"]["generationConfig"].get("thinkingConfig") for r in stand.requests()]
     assert sent == [{"thinking_budget": 128}, {"thinking_budget": 128}, None, None]
+
+
+async def test_probe_result_reads_as_a_plain_dict(backend: GeminiBackend, stand: StandIn) -> None:
+    # The gateway exports it as-is (/admin/pools): vars() must work and be JSON-friendly.
+    probe = await backend.probe(MODEL)
+    assert vars(probe) == {
+        "model": MODEL,
+        "ok": True,
+        "status": 200,
+        "message": "ok",
+        "continuable": True,
+        "checked_at": probe.checked_at,
+    }
