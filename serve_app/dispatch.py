@@ -40,9 +40,25 @@ class HostedBackend(Protocol):
 
     def check_supported(self, body: dict[str, Any], kind: str) -> None: ...
 
-    def chat(self, body: dict[str, Any], alias: str, request_id: str, **options: Any) -> AsyncIterator[Reply]: ...
+    def chat(
+        self,
+        body: dict[str, Any],
+        alias: str,
+        request_id: str,
+        *,
+        thinking_budget: int | None = None,
+        continue_final_message: bool = False,
+    ) -> AsyncIterator[Reply]: ...
 
-    def completion(self, body: dict[str, Any], alias: str, request_id: str, **options: Any) -> AsyncIterator[Reply]: ...
+    def completion(
+        self,
+        body: dict[str, Any],
+        alias: str,
+        request_id: str,
+        *,
+        thinking_budget: int | None = None,
+        continue_final_message: bool = False,
+    ) -> AsyncIterator[Reply]: ...
 
 
 class PoolCaller(Protocol):
@@ -142,7 +158,7 @@ class Dispatcher:
         self.hosted: HostedBackend | None = None
         self.served_names: dict[str, str] = {}
         self.continuable: dict[str, bool] = {}  # Gemini model -> accepts a trailing model turn (probed)
-        self.spilled: dict[str, int] = {}  # pool -> requests this gateway has on Gemini for it now
+        self.wake: Callable[[str], None] = lambda pool: None  # the gateway asks Serve for a replica
 
     def retry_after(self) -> dict[str, str]:
         return {"Retry-After": str(self.cfg.retry_after_s)}
@@ -175,6 +191,8 @@ class Dispatcher:
         if decision.target == GEMINI:
             assert hosted is not None
             rec.spill_reason = decision.reason
+            if pool is not None and self.monitor.ready_replicas(pool) == 0:
+                self.wake(pool)  # a pool at zero (or all down) is woken, not left to Gemini forever
             return await self._via_gemini(rec, route, body, hosted)
         assert pool is not None
         try:
@@ -324,13 +342,13 @@ def open_hosted(
     hosted_body = dict(body)
     hosted_body["model"] = route.gemini_model
     method = hosted.chat if rec.kind == "chat" else hosted.completion
-    options: dict[str, Any] = {}
-    budget = getattr(route, "gemini_thinking_budget", None)
-    if budget is not None:
-        options["thinking_budget"] = budget
-    if continue_final_message:
-        options["continue_final_message"] = True
-    return method(hosted_body, rec.alias, rec.request_id, **options)
+    return method(
+        hosted_body,
+        rec.alias,
+        rec.request_id,
+        thinking_budget=route.gemini_thinking_budget,
+        continue_final_message=continue_final_message,
+    )
 
 
 def cancel(gen: Any) -> None:

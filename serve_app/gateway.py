@@ -8,28 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import json
+import dataclasses
 import logging
-import os
 import time
-import uuid
-from typing import Any, cast
+from typing import Any
 
 from fastapi import FastAPI, Request
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from serve_app.config import GatewayConfig, GeminiConfig, LiveConfig, RouteConfig, parse_live_config
-from serve_app.dispatch import Dispatcher, HostedBackend
+from serve_app.dispatch import Dispatcher
 from serve_app.errors import (
     APIError,
-    BadRequest,
     NotFound,
-    PayloadTooLarge,
     ServiceUnavailable,
-    Unauthorized,
     error_body,
 )
 from serve_app.lifecycle import Ledger, RequestRecord, configure_request_log
@@ -38,25 +32,22 @@ from serve_app.metrics import Metrics
 from serve_app.pools import PoolMonitor, Snapshot
 from serve_app.protocol import JSONReply
 from serve_app.relay import headers_for
+from serve_app.requests import (
+    SafeJSONResponse,
+    check_auth,
+    error_response,
+    id_header,
+    load_api_keys,
+    load_json,
+    parse_request,
+    read_body,
+    request_id_from,
+)
 from serve_app.surface import find_card, model_cards, tokenizer_target
 
 logger = logging.getLogger(__name__)
 
 api = FastAPI(title="serve_app", docs_url=None, redoc_url=None, openapi_url=None)
-
-
-class SafeJSONResponse(JSONResponse):
-    """JSON with non-ASCII escaped: a lone surrogate a client sent can never break rendering."""
-
-    def render(self, content: Any) -> bytes:
-        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
-
-
-def error_response(err: APIError, headers: dict[str, str] | None = None, retry_after_s: int = 2) -> Response:
-    merged = {**(headers or {}), **err.headers}
-    if err.status in (429, 503):
-        merged.setdefault("Retry-After", str(retry_after_s))
-    return SafeJSONResponse(err.body(), status_code=err.status, headers=merged)
 
 
 @api.exception_handler(APIError)
@@ -77,77 +68,6 @@ async def _unexpected(_: Request, err: Exception) -> Response:
     return SafeJSONResponse(error_body("internal error", "server_error", None, 500), status_code=500)
 
 
-# ------------------------------------------------------------------------------------ request checks
-def load_api_keys(env_name: str | None) -> list[str] | None:
-    """Client API keys from the named env var; None when auth is off (not configured)."""
-    if not env_name:
-        return None
-    keys = [k.strip() for k in os.environ.get(env_name, "").split(",") if k.strip()]
-    if not keys:
-        raise ValueError(f"gateway.api_keys_env names {env_name}, but that environment variable holds no keys")
-    return keys
-
-
-def check_auth(authorization: str | None, keys: list[str] | None) -> None:
-    if keys is None:
-        return
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-    if not any(hmac.compare_digest(token.strip().encode(), k.encode()) for k in keys):
-        raise Unauthorized("invalid API key")
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body is larger than {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def parse_request(raw: bytes, kind: str) -> dict[str, Any]:
-    """JSON object with the fields the gateway itself needs; the engine validates the rest."""
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BadRequest(f"malformed JSON body: {err}") from None
-    except RecursionError:
-        raise BadRequest("malformed JSON body: nested too deeply") from None
-    if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object")
-    if b"\\u" in raw:  # only an escape can smuggle in a lone surrogate; a real one fails decoding above
-        try:
-            json.dumps(body, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise BadRequest("request body holds an invalid unicode escape (a lone surrogate)") from None
-        except RecursionError:
-            raise BadRequest("malformed JSON body: nested too deeply") from None
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest("'model' is required and must be a string", param="model")
-    if kind == "chat":
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise BadRequest("'messages' is required and must be a non-empty array", param="messages")
-        for i, msg in enumerate(messages):
-            if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
-                raise BadRequest("each message must be an object with a 'role'", param=f"messages.{i}")
-    elif "prompt" not in body:
-        raise BadRequest("'prompt' is required", param="prompt")
-    if not isinstance(body.get("stream", False), bool):
-        raise BadRequest("'stream' must be a boolean", param="stream")
-    opts = body.get("stream_options")
-    if opts is not None and not isinstance(opts, dict):
-        raise BadRequest("'stream_options' must be an object", param="stream_options")
-    return body
-
-
 def models_list(
     routes: dict[str, RouteConfig],
     created: int,
@@ -156,17 +76,6 @@ def models_list(
 ) -> dict[str, Any]:
     """The /v1/models body: one card per alias (adapters with their parent, max_model_len when known)."""
     return {"object": "list", "data": model_cards(routes, created, pool_info, served_names)}
-
-
-def _request_id(given: str | None) -> str:
-    """The client's X-Request-Id when it is a sane token, else a fresh one."""
-    if given and len(given) <= 128 and given.isascii() and given.isprintable():
-        return given
-    return uuid.uuid4().hex
-
-
-def _id_header(rec: RequestRecord) -> dict[str, str]:
-    return {"x-request-id": rec.request_id} if rec.id_header else {}
 
 
 # ------------------------------------------------------------------------------------ the deployment
@@ -191,6 +100,8 @@ class Gateway:
         self._monitor = PoolMonitor()
         self._dispatch = Dispatcher(self._monitor, self._ledger, self._call_pool, self._cfg)
         self._dispatch.served_names = dict(served_names)
+        self._dispatch.wake = self._wake
+        self._waking: dict[str, asyncio.Task[None]] = {}
         self._routes: dict[str, RouteConfig] = {p: RouteConfig(pool=p) for p in pools}
         self._monitor.configure(self._routes)
         self._gemini_cfg: GeminiConfig | None = None
@@ -245,7 +156,7 @@ class Gateway:
         else:
             from serve_app.gemini import GeminiBackend
 
-            self._dispatch.hosted = cast(HostedBackend, GeminiBackend(cfg))
+            self._dispatch.hosted = GeminiBackend(cfg)
             self._spawn(self._probe_gemini())
         if old is not None:
             with contextlib.suppress(Exception):
@@ -269,7 +180,7 @@ class Gateway:
         for model in models:
             try:
                 probe = await hosted.probe(model)  # type: ignore[attr-defined]
-                status = {k: v for k, v in vars(probe).items() if not k.startswith("_")}
+                status = dataclasses.asdict(probe)
                 if probe.ok:
                     continuable = bool(await hosted.probe_continuation(model))  # type: ignore[attr-defined]
                     status["continuable"] = continuable
@@ -286,6 +197,27 @@ class Gateway:
     ) -> Any:
         handle = self._handles[pool].options(stream=True, method_name="chat" if kind == "chat" else "completion")
         return handle.remote(body, alias, request_id, lora) if lora else handle.remote(body, alias, request_id)
+
+    def _wake(self, pool: str) -> None:
+        """Keep one no-op call pending at the pool's handle while it has no ready replica.
+
+        With zero replicas that call waits in the handle's queue, which Serve counts as demand and answers
+        with a cold start; spilled requests never have to wait for it. Never cancelled (cancelling would
+        take the demand back); a new one is sent only after the previous one returned.
+        """
+        if pool in self._waking:
+            return
+
+        async def call() -> None:
+            try:
+                await self._handles[pool].wake.remote()
+            except Exception as err:
+                logger.warning("wake of pool %s failed: %s", pool, type(err).__name__)
+            finally:
+                self._waking.pop(pool, None)
+
+        self._waking[pool] = asyncio.ensure_future(call())
+        logger.info("pool %s has no ready replica: asked Serve for one", pool)
 
     # ------------------------------------------------------------------------------------ pool load
     async def _refresh(self) -> None:
@@ -364,11 +296,7 @@ class Gateway:
     async def _tokenizer(self, request: Request, kind: str) -> Response:
         """vLLM's /tokenize and /detokenize, answered by a replica of the pool the alias routes to."""
         check_auth(request.headers.get("authorization"), self._keys)
-        raw = await read_body(request, self._cfg.max_body_bytes)
-        try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise BadRequest(f"malformed JSON body: {err}") from None
+        body = load_json(await read_body(request, self._cfg.max_body_bytes))
         pool, lora = tokenizer_target(self._routes, body, sorted(self._handles))
         handle = self._handles[pool].options(method_name=kind)
         try:
@@ -416,7 +344,7 @@ class Gateway:
     async def _handle(self, request: Request, kind: str) -> Response:
         """One lifecycle: every way out finishes the request exactly once (see serve_app.lifecycle)."""
         given = request.headers.get("x-request-id")
-        rec = self._ledger.start(RequestRecord(_request_id(given), "unknown", kind, False))
+        rec = self._ledger.start(RequestRecord(request_id_from(given), "unknown", kind, False))
         rec.id_header = given is None  # Ray's proxy echoes the id it put in the request header
         handed_over = False
         try:
@@ -435,7 +363,7 @@ class Gateway:
         except APIError as err:
             rec.fail(err.status)
             return error_response(
-                err, headers_for(rec) if rec.route != "none" else _id_header(rec), self._cfg.retry_after_s
+                err, headers_for(rec) if rec.route != "none" else id_header(rec), self._cfg.retry_after_s
             )
         except (asyncio.CancelledError, GeneratorExit):
             rec.fail(499)
@@ -444,7 +372,7 @@ class Gateway:
             logger.exception("request %s failed unexpectedly", rec.request_id)
             rec.fail(500)
             return SafeJSONResponse(
-                error_body("internal error", "server_error", None, 500), status_code=500, headers=_id_header(rec)
+                error_body("internal error", "server_error", None, 500), status_code=500, headers=id_header(rec)
             )
         finally:
             if not handed_over:

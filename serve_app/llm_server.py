@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -107,6 +108,9 @@ class LLMServer:
         self._batch_s = self._pool.deployment.stream_batch_interval_ms / 1000
         started = time.monotonic()
         await self._engine.start()
+        self._engine_start_s = time.monotonic() - started
+        with contextlib.suppress(Exception):  # outside a Ray worker there is no metrics agent
+            _engine_start_metric().observe(self._engine_start_s, tags={"pool": pool_name})
         logger.info("pool %s: engine %s ready in %.1f s", pool_name, self._pool.engine, time.monotonic() - started)
         self._tracker = LoadTracker()
         self._stats = load_stats(0, 0, 0.0, 0.0, 0.0)
@@ -233,16 +237,29 @@ class LLMServer:
         return {
             "replica_id": self._replica_id,
             "pool": self._pool_name,
+            "pid": os.getpid(),
+            "engine_pids": _engine_pids(),
+            "engine_start_s": self._engine_start_s,
+            "active": self._active,
             **self._refresh(),
             **self._engine.info(),
         }
 
-    async def set_faults(self, **faults: Any) -> None:
-        """Test hook for the simulated engine (fault injection); refused by real engines."""
+    async def wake(self) -> None:
+        """No-op the gateway calls while the pool is at zero replicas and its requests spill.
+
+        The call waits at the handle until a replica exists, and Ray counts it as a queued request: that
+        is what makes Serve's cold start (0 -> 1) happen without sending it a user's request.
+        """
+
+    async def set_faults(self, **faults: Any) -> str:
+        """Test hook for the simulated engine (fault injection); refused by real engines. Returns the
+        replica id, so a test can tell which replica it reached."""
         setter = getattr(self._engine, "set_faults", None)
         if setter is None:
             raise TypeError(f"the {self._pool.engine} engine has no fault injection")
         setter(**faults)
+        return self._replica_id
 
     async def check_health(self) -> None:
         self._refresh()
@@ -257,3 +274,24 @@ class LLMServer:
             with contextlib.suppress(Exception):
                 self._board.remove.remote(self._pool_name, self._replica_id)
         await self._engine.shutdown()
+
+
+def _engine_pids() -> list[int]:
+    """Processes the engine runs outside this one (vLLM's EngineCore), for operators and chaos tests."""
+    import psutil
+
+    try:
+        return [c.pid for c in psutil.Process().children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def _engine_start_metric() -> Any:
+    from ray.util import metrics as ray_metrics
+
+    return ray_metrics.Histogram(
+        "serve_app_engine_start_seconds",
+        "Replica cold start: engine construction until it can take requests.",
+        boundaries=[1, 2, 5, 10, 20, 30, 60, 120, 300, 600],
+        tag_keys=("pool",),
+    )

@@ -9,6 +9,7 @@ within a few seconds instead of lingering until it ages out. The actor holds no 
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -51,6 +52,10 @@ class LoadBoard:
             for key, value in per_pool.get(pool, {}).items():
                 total[key] = total.get(key, 0.0) + float(value)
         return total
+
+    def pid(self) -> int:
+        """The actor's process id (operators and chaos tests)."""
+        return os.getpid()
 
     def snapshot(self) -> dict[str, dict[str, tuple[float, dict[str, Any]]]]:
         now = time.time()

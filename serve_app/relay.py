@@ -255,6 +255,7 @@ class Relay:
         partial = cont.replay(self.sent)
         next_body = cont.continuation_body(self.request, self.rec.kind, partial, self.produced)
         if next_body is None:
+            self._count_refused(broken, "nothing_left")
             return None
         self.continuations += 1
         request_id = f"{self.rec.request_id}-c{self.continuations}"
@@ -273,10 +274,12 @@ class Relay:
         marker = f": serve_app failover self_hosted->{target} reason={broken.reason}\n\n"
         return [marker, *resumed]
 
-    def _count_refused(self, broken: StreamBroken) -> None:
-        if self.backend.kind == "self_hosted" and broken.pool_fault:
-            reason = self.refused or "limit"
-            self.rec.failovers.append(f"refused:{reason}")
+    def _count_refused(self, broken: StreamBroken, why: str | None = None) -> None:
+        """A broken stream that ends with an error event: counted as failover to=none, reason logged."""
+        if self.backend.kind != "self_hosted" or not broken.pool_fault:
+            return
+        self.rec.failovers.append(f"refused:{why or self.refused or 'limit'}")
+        self.d.metrics.inc("failover", 1.0, **{"from": "self_hosted", "to": "none", "reason": broken.reason})
 
     def _start_segment(self, first_data: str, partial: cont.Partial) -> None:
         new_id, new_created = cont.first_ids(first_data)
@@ -312,6 +315,9 @@ class Relay:
             return None
         from serve_app.dispatch import cancel, open_hosted
 
+        if self.rec.kind == "completion":  # Gemini takes the prompt and the partial answer apart
+            prompt = self.request.get("prompt")
+            body = {**body, "prompt": [prompt[0] if isinstance(prompt, list) else prompt, partial.text]}
         gen = open_hosted(hosted, self.route, body, self.rec, continue_final_message=True)
         try:
             async with asyncio.timeout(self.route.breaker.first_token_timeout_s):

@@ -70,8 +70,12 @@ class SimulatedEngine:
         self.fail_after_tokens = self._cfg.fail_after_tokens
         self.error_style = "raise"  # raise (a crash) | event (vLLM: an error event inside a 200 stream)
         self.engine_dead = False  # like a dead EngineCore: load() unhealthy, every request fails
-        self._unhung = asyncio.Event()  # cleared while "hung", like a SIGSTOPped EngineCore: no tokens
+        # Cleared while "hung", like a SIGSTOPped EngineCore: no tokens, and the load it reports is the
+        # last it sent, plus requests that reached it since (a stopped engine never sees their aborts).
+        self._unhung = asyncio.Event()
         self._unhung.set()
+        self._frozen = EngineLoad()
+        self._stuck = 0
 
     def set_faults(
         self,
@@ -94,14 +98,19 @@ class SimulatedEngine:
             self.engine_dead = engine_dead
         if hang is not None:
             if hang:
+                self._frozen = self.load()
                 self._unhung.clear()
             else:
+                self._stuck = 0
                 self._unhung.set()
 
     async def start(self) -> None:
         logger.info("simulated engine %s ready (%s)", self.served_model_name, self._cfg.model_dump())
 
     def load(self) -> EngineLoad:
+        if not self._unhung.is_set():
+            f = self._frozen
+            return EngineLoad(f.waiting, f.running + self._stuck, f.kv_cache_usage, f.generated_tokens_total)
         capacity = self._cfg.max_num_seqs * self._cfg.max_model_len
         return EngineLoad(
             waiting=self._waiting,
@@ -200,6 +209,8 @@ class SimulatedEngine:
         shape = _Shape(kind, request_id, self.served_model_name, body)
         offset = continued_words(body, kind)
         stream = bool(body.get("stream"))
+        if not self._unhung.is_set():
+            self._stuck += 1
         await self._acquire()
         self._tokens_in_flight += prompt_tokens
         produced = 0
