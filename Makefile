@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PIP_EXTRA ?=
 export SERVE_APP_CACHE ?= $(HOME)/.cache/serve_app
 
-.PHONY: help install model run test test-unit test-integration lint observe prometheus demo-spill trace bench clean
+.PHONY: help install model run test test-unit test-integration lint observe prometheus demo-spill trace soak bench clean
 
 help:
 	@echo "make run      serve SmolLM2 on CPU with the real vLLM engine at http://127.0.0.1:8000"
@@ -78,6 +78,11 @@ demo-spill: install model
 
 trace: install
 	$(BIN)/python -m bench.scaling_trace
+
+# Soak (issue 11, bench/README.md): 1 h of mixed traffic with replica kills; SOAK_FLAGS="--duration 1800" etc.
+SOAK_FLAGS ?=
+soak: install
+	$(BIN)/python -m bench.soak $(SOAK_FLAGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
