@@ -258,6 +258,12 @@ class RouteConfig(_Strict):
         description="Thinking-token budget for this route's Gemini calls (overrides gemini.thinking_budget; "
         "None: use that; 0: no thinking where the model allows it; -1: the model's dynamic thinking).",
     )
+    ttft_slo_ms: float | None = Field(
+        None,
+        gt=0,
+        description="Spill route: spill before the first byte when the predicted time to first token on the pool "
+        "exceeds this (with hysteresis); the fixed saturation thresholds stay as a guard.",
+    )
     saturation: SaturationThresholds = Field(default_factory=SaturationThresholds, description="Spill thresholds.")
     breaker: BreakerConfig = Field(default_factory=BreakerConfig, description="Degradation breaker.")
 

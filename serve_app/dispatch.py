@@ -29,6 +29,7 @@ from serve_app.pools import PoolMonitor
 from serve_app.protocol import ChunkReply, ErrorReply, JSONReply, Reply, split_inband_error
 from serve_app.relay import Backend, Relay, json_response, stream_response
 from serve_app.routing import Ticket, decide, may_spill_after_failure
+from serve_app.slo_state import SloTicket, estimate_prompt_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -169,14 +170,25 @@ class Dispatcher:
         hosted_ok, hosted_err = self._hosted_fit(hosted, route, body, rec.kind)
         pool = route.pool
         now = time.monotonic()
-        saturated, allows = False, True
+        saturated, allows, slo_spill = False, True, False
+        slo_ticket: SloTicket | None = None
         if pool is not None and route.policy != "hosted_only":
             saturated = self.monitor.saturated(pool)
             allows = route.policy == "self_hosted_only" or self.monitor.breaker(pool).would_allow(now)
             rec.spill_inputs = self.monitor.explain(pool)
+            if route.ttft_slo_ms:
+                slo_spill, slo_ticket, inputs = self.monitor.slo.decide(
+                    pool,
+                    rec.alias,
+                    route.ttft_slo_ms / 1000,
+                    self.monitor.ready_replicas(pool),
+                    self.monitor.pools[pool].inflight,
+                    estimate_prompt_tokens(body, rec.kind),
+                )
+                rec.spill_inputs.update(inputs)
         decision = decide(
             route.policy,
-            saturated=saturated,
+            saturated=saturated or slo_spill,
             breaker_allows=allows,
             hosted_available=hosted is not None and hosted.available,
             hosted_supports_request=hosted_err is None,
@@ -190,13 +202,15 @@ class Dispatcher:
             )
         if decision.target == GEMINI:
             assert hosted is not None
-            rec.spill_reason = decision.reason
+            rec.spill_reason = "ttft_slo" if decision.reason == "saturated" and not saturated else decision.reason
             if pool is not None and self.monitor.ready_replicas(pool) == 0:
                 self.wake(pool)  # a pool at zero (or all down) is woken, not left to Gemini forever
             return await self._via_gemini(rec, route, body, hosted)
         assert pool is not None
         try:
-            return await self._via_pool(rec, route, pool, body, hosted if hosted_ok and hosted_err is None else None)
+            return await self._via_pool(
+                rec, route, pool, body, hosted if hosted_ok and hosted_err is None else None, slo_ticket
+            )
         except AttemptFailed as failure:
             if hosted is None or not may_spill_after_failure(route.policy, hosted_ok, hosted_err is None):
                 failure.error.headers.update(self.retry_after())
@@ -230,7 +244,13 @@ class Dispatcher:
         return min(route.breaker.first_token_timeout_s, self.cfg.request_timeout_s)
 
     async def open_pool(
-        self, rec: RequestRecord, route: RouteConfig, pool: str, body: dict[str, Any], request_id: str
+        self,
+        rec: RequestRecord,
+        route: RouteConfig,
+        pool: str,
+        body: dict[str, Any],
+        request_id: str,
+        slo_ticket: SloTicket | None = None,
     ) -> tuple[Any, Head, Ticket | None]:
         """One attempt: admit, call, read the head. The ticket is settled here on failure."""
         breaker = self.monitor.breaker(pool)
@@ -241,19 +261,28 @@ class Dispatcher:
             )
         state = self.monitor.pools[pool]
         state.inflight += 1
+        if slo_ticket is not None:
+            self.monitor.slo.sent(slo_ticket)
         try:
             gen = self.call_pool(pool, rec.kind, dict(body), rec.alias, request_id, getattr(route, "lora", None))
             head = await read_head(gen, self.first_byte_timeout(route, pool) if rec.stream else self._whole_timeout())
         except AttemptFailed as failure:
             state.inflight -= 1
+            if slo_ticket is not None:
+                self.monitor.slo.first_token(slo_ticket, None)
             if ticket is not None:
                 breaker.settle(ticket, time.monotonic(), False if failure.pool_fault else None)
             raise
         except BaseException:
             state.inflight -= 1
+            if slo_ticket is not None:
+                self.monitor.slo.first_token(slo_ticket, None)
             if ticket is not None:
                 breaker.settle(ticket, time.monotonic(), None)
             raise
+        if slo_ticket is not None:
+            first_output = rec.stream and isinstance(head.last, ChunkReply)
+            self.monitor.slo.first_token(slo_ticket, time.monotonic() - rec.started if first_output else None)
         return gen, head, ticket
 
     def _whole_timeout(self) -> float:
@@ -266,6 +295,7 @@ class Dispatcher:
         pool: str,
         body: dict[str, Any],
         hosted: HostedBackend | None,
+        slo_ticket: SloTicket | None = None,
     ) -> Response:
         self.ledger.set_route(rec, SELF_HOSTED)
         rec.upstream_model = self.served_names.get(pool, pool)
@@ -273,7 +303,7 @@ class Dispatcher:
         while True:
             request_id = rec.request_id if attempt == 0 else f"{rec.request_id}-r{attempt}"
             try:
-                gen, head, ticket = await self.open_pool(rec, route, pool, body, request_id)
+                gen, head, ticket = await self.open_pool(rec, route, pool, body, request_id, slo_ticket)
                 break
             except AttemptFailed as failure:
                 attempt += 1

@@ -116,6 +116,7 @@ class LLMServer:
         self._stats = load_stats(0, 0, 0.0, 0.0, 0.0)
         self._spill: dict[str, float] = {k: 0.0 for k in autoscaling.SPILL_STAT_KEYS}
         self._active = 0  # requests inside the engine now
+        self._max_num_seqs = float(self._engine.info().get("max_num_seqs") or 0)
         self._stall_s = self._pool.deployment.engine_stall_timeout_s
         self._last_generated, self._progress_at = -1, time.monotonic()
         self._stalled = self._engine_dead = False
@@ -205,6 +206,7 @@ class LLMServer:
         stats = load_stats(load.waiting, load.running, load.kv_cache_usage, rate, self._tracker.peak())
         stats["healthy"] = 0.0 if self._health_problem() else 1.0
         stats.update(self._spill)
+        stats["max_num_seqs"] = self._max_num_seqs
         self._stats = stats
         return stats
 

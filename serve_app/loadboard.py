@@ -19,7 +19,8 @@ NAMESPACE = "serve_app"
 SERVE_NAMESPACE = "serve"
 _FORGET_AFTER_S = 60.0  # entries this old belong to replicas that are gone
 _RECONCILE_EVERY_S = 2.0
-_DEMAND_FRESH_S = 5.0  # a gateway's spilled demand older than this no longer counts
+_DEMAND_FRESH_S = 5.0
+_MIN_KEYS = frozenset({"slo_target_ongoing"})  # a gateway's spilled demand older than this no longer counts
 
 
 class LoadBoard:
@@ -50,7 +51,10 @@ class LoadBoard:
             if now - ts > _DEMAND_FRESH_S:
                 continue
             for key, value in per_pool.get(pool, {}).items():
-                total[key] = total.get(key, 0.0) + float(value)
+                if key in _MIN_KEYS:  # a target: the strictest gateway wins
+                    total[key] = min(total.get(key, float(value)), float(value))
+                else:
+                    total[key] = total.get(key, 0.0) + float(value)
         return total
 
     def pid(self) -> int:

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from serve_app import slo
 from serve_app.config import BreakerConfig, RouteConfig, SaturationThresholds
 from serve_app.routing import (
     BreakerState,
@@ -21,6 +22,7 @@ from serve_app.routing import (
     ready,
     saturation_score,
 )
+from serve_app.slo_state import SloBook
 
 Snapshot = dict[str, dict[str, tuple[float, dict[str, Any]]]]
 
@@ -41,13 +43,19 @@ class PoolMonitor:
 
     def __init__(self) -> None:
         self.pools: dict[str, PoolState] = {}
+        self.slo = SloBook()
+        self._slo_routes: dict[str, float] = {}  # pool -> the strictest TTFT SLO of its routes (seconds)
 
     def configure(self, routes: dict[str, RouteConfig]) -> None:
         """Apply a (new) route table. A pool used by several routes takes the first route's thresholds."""
         wanted: dict[str, tuple[SaturationThresholds, BreakerConfig]] = {}
+        self._slo_routes = {}
         for route in routes.values():
             if route.pool is not None and route.pool not in wanted:
                 wanted[route.pool] = (route.saturation, route.breaker)
+            if route.pool is not None and route.ttft_slo_ms:
+                strictest = min(self._slo_routes.get(route.pool, route.ttft_slo_ms), route.ttft_slo_ms)
+                self._slo_routes[route.pool] = strictest
         for name, (th, br) in wanted.items():
             state = self.pools.get(name)
             if state is None:
@@ -72,6 +80,14 @@ class PoolMonitor:
                 )
                 for ts, load in snapshot.get(name, {}).values()
             )
+            for _, load in snapshot.get(name, {}).values():
+                seqs = load.get("max_num_seqs")
+                self.slo.observe_load(
+                    name,
+                    float(load.get("running", 0.0)),
+                    float(load.get("tokens_per_s", 0.0)),
+                    int(seqs) if seqs else None,
+                )
             state.view = PoolView(replicas, state.inflight)
             state.saturation.update(saturation_score(state.view, state.thresholds), state.thresholds)
             state.refreshed_at = now_wall
@@ -105,7 +121,18 @@ class PoolMonitor:
 
     def spill_demand(self) -> dict[str, dict[str, float]]:
         """Per pool, what this gateway has on Gemini because the pool could not take it (for autoscaling)."""
-        return {name: {"spilled_ongoing": float(s.spilled)} for name, s in self.pools.items()}
+        out: dict[str, dict[str, float]] = {}
+        for name, s in self.pools.items():
+            out[name] = {"spilled_ongoing": float(s.spilled)}
+            slo_ms = self._slo_routes.get(name)
+            if slo_ms:
+                p = self.slo.pool(name)
+                target = slo.slo_target_ongoing(
+                    p.rates(), slo_ms / 1000, p.mean_prompt_tokens or 64.0, p.predictor.correction
+                )
+                if target is not None:
+                    out[name]["slo_target_ongoing"] = target
+        return out
 
     def breaker(self, pool: str) -> CircuitBreaker:
         return self.pools[pool].breaker

@@ -211,6 +211,8 @@ class Relay:
                     async for text in self._pump():
                         yield text
                     self.backend.settle(self.d.monitor, True)
+                    if self.backend.kind == "self_hosted" and self.backend.pool is not None:
+                        self.d.monitor.slo.finished(self.backend.pool, rec.completion_tokens)
                     break
                 except StreamBroken as broken:
                     self.backend.settle(self.d.monitor, False if broken.pool_fault else None)
@@ -292,10 +294,17 @@ class Relay:
         pool = self.route.pool
         if pool is None or self.route.policy == "hosted_only":
             return None
-        try:
-            gen, head, ticket = await self.d.open_pool(self.rec, self.route, pool, body, request_id)
-        except AttemptFailed as failure:
-            logger.info("request %s: continuation on the pool failed: %s", self.rec.request_id, failure.reason)
+        for attempt in range(1 + self.d.cfg.pool_retries):  # a dead replica may be picked again: retry
+            try:
+                gen, head, ticket = await self.d.open_pool(
+                    self.rec, self.route, pool, body, f"{request_id}-{attempt}" if attempt else request_id
+                )
+                break
+            except AttemptFailed as failure:
+                logger.info("request %s: continuation on the pool failed: %s", self.rec.request_id, failure.reason)
+                if not failure.retryable:
+                    return None
+        else:
             return None
         last = head.last
         if not isinstance(last, ChunkReply):

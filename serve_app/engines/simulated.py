@@ -124,6 +124,7 @@ class SimulatedEngine:
         return {
             "served_model_name": self.served_model_name,
             "max_model_len": self._cfg.max_model_len,
+            "max_num_seqs": self._cfg.max_num_seqs,
             "kv_cache_tokens": self._cfg.max_num_seqs * self._cfg.max_model_len,
             "engine": "simulated",
         }

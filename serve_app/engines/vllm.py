@@ -363,6 +363,7 @@ class VLLMEngine:
         return {
             "kv_cache_tokens": blocks * int(cfg.cache_config.block_size),
             "max_model_len": int(cfg.model_config.max_model_len),
+            "max_num_seqs": int(cfg.scheduler_config.max_num_seqs),
             "served_model_name": self.served_model_name,
             "model": self.model,
             # LoRA adapters as vLLM's /v1/models lists them: id, root (path), parent (base model).
