@@ -12,6 +12,7 @@ from serve_app.errors import APIError, BadRequest, NotFound, RateLimited, Unauth
 from serve_app.gateway import check_auth, load_api_keys, parse_request
 from serve_app.pools import PoolMonitor
 from serve_app.protocol import DONE, sse, sse_error, wants_usage
+from serve_app.requests import load_json
 
 KEYS = ["sk-one", "sk-two"]
 
@@ -63,12 +64,40 @@ def test_load_api_keys(monkeypatch: pytest.MonkeyPatch) -> None:
         (b'{"model": "m", "messages": [{"role": "user"}], "stream": "yes"}', "chat", "stream"),
         (b'{"model": "m", "messages": [{"role": "user"}], "stream_options": 1}', "chat", "stream_options"),
         (b'{"model": "m"}', "completion", "prompt"),
+        # found by tests/integration/test_fuzz.py (were 500s):
+        (b'{"model": "m", "prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", "completion", None),  # int digits
+        (b'{"model": "m", "messages": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", "chat", None),
+        (b'{"model": "\\ud800", "messages": [{"role": "user"}]}', "chat", None),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "\\udfff"}]}', "chat", None),
     ],
 )
 def test_parse_request_rejects_with_param(raw: bytes, kind: str, param: str | None) -> None:
     with pytest.raises(BadRequest) as info:
         parse_request(raw, kind)
     assert info.value.param == param and info.value.status == 400
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"[" * 10_000 + b"]" * 10_000,
+        b'{"a": ' * 10_000 + b"1" + b"}" * 10_000,
+        b'{"model": "m", "tokens": [' + b"1" * 4301 + b"]}",
+        b'{"model": "m", "prompt": "\\ud800"}',
+        b"\xed\xa0\x80",
+        b"",
+    ],
+)
+def test_load_json_turns_every_bad_body_into_a_400(raw: bytes) -> None:
+    """/tokenize and /detokenize read their body with load_json: the same 400s as chat (were 500s)."""
+    with pytest.raises(BadRequest) as info:
+        load_json(raw)
+    assert info.value.status == 400 and info.value.message.startswith(("malformed JSON", "request body holds"))
+
+
+def test_load_json_keeps_any_json_value() -> None:
+    assert load_json(b'{"model": "m", "tokens": [1, 2]}') == {"model": "m", "tokens": [1, 2]}
+    assert load_json(b'"\\u00e9"') == "\u00e9" and load_json(b"[" * 50 + b"]" * 50) is not None
 
 
 def test_parse_request_passes_unknown_fields_through() -> None:
