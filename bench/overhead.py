@@ -15,6 +15,7 @@ stored too (while an engine runs, its busy-polling alone keeps the load near 2).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import subprocess
@@ -292,6 +293,8 @@ def main() -> None:
         args.shapes, args.concurrency, args.rounds, args.scale = "128x64", "1,8", 1, 0.34
     ENGINE["dtype"] = args.dtype
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    if "rayllm" in systems and importlib.util.find_spec("pyarrow") is None:
+        p.error("Ray Serve LLM needs pyarrow: pip install -r bench/requirements.txt (or drop rayllm from --systems)")
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     cells = [(i, o, c) for i, o in shapes for c in (int(x) for x in args.concurrency.split(","))]
     meta: dict[str, Any] = {
@@ -309,7 +312,12 @@ def main() -> None:
         for rnd in range(1, args.rounds + 1):
             order = systems if rnd % 2 else list(reversed(systems))
             for name in order:
-                records += run_system(name, cells, args, work, rnd)
+                try:
+                    records += run_system(name, cells, args, work, rnd)
+                except RuntimeError as err:  # one system failing must not lose the others' cells
+                    failure = {"system": name, "round": rnd, "error": str(err)[-500:]}
+                    logger.error("system failed: %s", failure)
+                    meta.setdefault("failed_systems", []).append(failure)
         meta["logs_tail"] = {}
     meta["duration_s"] = round(time.monotonic() - started)
     rows = summarize(records, systems)
