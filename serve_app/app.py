@@ -127,6 +127,7 @@ def build_app(args: dict[str, Any]) -> Application:
             num_replicas=gw.num_replicas,
             max_ongoing_requests=gw.max_ongoing_requests,
             ray_actor_options={"num_cpus": gw.num_cpus, "resources": dict(gw.resources)},
+            graceful_shutdown_timeout_s=gw.graceful_shutdown_timeout_s,
             user_config=gateway_user_config(cfg),
         )
         .bind(pools, served, gw.model_dump(mode="json"))

@@ -331,6 +331,12 @@ class GatewayConfig(_Strict):
         2, ge=0, description="Mid-stream failovers per request (continue on another replica or on Gemini)."
     )
     load_timeout_s: float = Field(2.0, gt=0, description="A LoadBoard read slower than this counts as failed.")
+    graceful_shutdown_timeout_s: float = Field(
+        300.0,
+        ge=0,
+        description="Drain limit of a stopping gateway replica (scale-down, rolling update): it takes no new "
+        "requests and keeps relaying its streams up to this long.",
+    )
 
 
 class AppConfig(_Strict):

@@ -35,6 +35,9 @@ class PoolState:
     saturation: SaturationState = field(default_factory=SaturationState)
     inflight: int = 0  # this gateway's requests on the pool now
     spilled: int = 0  # this gateway's requests on Gemini that the pool could not take
+    spilled_tokens: int = 0  # completion tokens those requests received (a running total)
+    spilled_rate: float = 0.0  # ... per second, smoothed
+    spilled_at: tuple[float, int] = (0.0, 0)  # (monotonic time, total) of the last rate update
     refreshed_at: float = 0.0
 
 
@@ -122,8 +125,14 @@ class PoolMonitor:
     def spill_demand(self) -> dict[str, dict[str, float]]:
         """Per pool, what this gateway has on Gemini because the pool could not take it (for autoscaling)."""
         out: dict[str, dict[str, float]] = {}
+        now = time.monotonic()
         for name, s in self.pools.items():
-            out[name] = {"spilled_ongoing": float(s.spilled)}
+            t0, n0 = s.spilled_at
+            if t0 > 0 and now > t0:
+                rate = (s.spilled_tokens - n0) / (now - t0)
+                s.spilled_rate += 0.3 * (rate - s.spilled_rate)
+            s.spilled_at = (now, s.spilled_tokens)
+            out[name] = {"spilled_ongoing": float(s.spilled), "spilled_tokens_per_s": s.spilled_rate}
             slo_ms = self._slo_routes.get(name)
             if slo_ms:
                 p = self.slo.pool(name)

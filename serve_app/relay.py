@@ -139,6 +139,10 @@ class Relay:
         if item.tokens:
             now = time.monotonic()
             self.produced += item.tokens
+            if self.backend.kind == "gemini" and self.backend.pool is not None:
+                state = self.d.monitor.pools.get(self.backend.pool)
+                if state is not None:
+                    state.spilled_tokens += item.tokens
             labels = {"model": rec.alias, "route": rec.route}
             if rec.ttft_s is None:
                 rec.ttft_s = now - rec.started
