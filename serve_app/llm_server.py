@@ -176,6 +176,9 @@ class LLMServer:
         once instead of a slow 500, so the gateway retries elsewhere; check_health fails so Serve replaces
         the replica; the LoadBoard shows it unhealthy so gateways stop choosing it.
         """
+        if not self._engine_dead and not self._engine.load().healthy:
+            self._engine_dead = True
+            self._leave_soon()
         problem = self._health_problem()
         if problem is not None:
             yield ErrorReply(503, error_body(f"replica unavailable: {problem}", "service_unavailable", None, 503))
@@ -186,6 +189,21 @@ class LLMServer:
                 yield item
         finally:
             self._active -= 1
+
+    def _leave_soon(self) -> None:
+        """The engine died under a live replica: leave now instead of waiting for the health check.
+
+        A replica with a dead engine answers instantly, so it looks idle and Ray's router would keep
+        choosing it; a dead replica actor is dropped by every router at once, and Serve starts a new one.
+        The short delay lets the 503s already written reach their callers.
+        """
+        logger.error("pool %s: the engine is dead; this replica exits so Serve replaces it", self._pool_name)
+
+        def leave() -> None:
+            logging.shutdown()
+            os._exit(1)
+
+        asyncio.get_running_loop().call_later(0.3, leave)
 
     def _health_problem(self) -> str | None:
         if self._engine_dead:
@@ -202,7 +220,9 @@ class LLMServer:
         if load.generated_tokens_total != self._last_generated or not busy:
             self._last_generated, self._progress_at = load.generated_tokens_total, now
         self._stalled = busy and now - self._progress_at > self._stall_s
-        self._engine_dead = not load.healthy
+        if not load.healthy and not self._engine_dead:
+            self._engine_dead = True
+            self._leave_soon()
         stats = load_stats(load.waiting, load.running, load.kv_cache_usage, rate, self._tracker.peak())
         stats["healthy"] = 0.0 if self._health_problem() else 1.0
         stats.update(self._spill)
