@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from serve_app.config import AppConfig, ConfigError, load_config
+from serve_app.config import AppConfig, ConfigError, load_any_config, load_config
 
 # Modules that add sub-commands; a module that is not there yet is skipped.
 _TOOL_MODULES = (
@@ -52,21 +52,23 @@ def vllm_arg_problems(source: str, cfg: AppConfig) -> list[str]:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    """serve_app config files and Serve config files (args + the Gateway's live user_config) alike."""
     status = 0
     for path in args.files:
         try:
-            cfg = load_config(path)
+            found = load_any_config(path)
         except ConfigError as err:
             print(err, file=sys.stderr)
             status = 2
             continue
-        problems = vllm_arg_problems(path, cfg)
-        if problems:
-            print("\n".join(problems), file=sys.stderr)
-            status = 2
-            continue
-        routes = cfg.effective_routes()
-        print(f"{path}: ok ({len(cfg.pools)} pool(s): {', '.join(cfg.pools)}; routes: {', '.join(routes)})")
+        for label, cfg in found:
+            problems = vllm_arg_problems(path, cfg)
+            if problems:
+                print("\n".join(problems), file=sys.stderr)
+                status = 2
+                continue
+            routes = cfg.effective_routes()
+            print(f"{label}: ok ({len(cfg.pools)} pool(s): {', '.join(cfg.pools)}; routes: {', '.join(routes)})")
     return status
 
 
