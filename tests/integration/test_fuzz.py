@@ -237,14 +237,18 @@ def test_fuzz_simulated_pool_spill_and_hosted_routes(root: str) -> None:
     answers, found = run_cases(root, cases)
     took = time.monotonic() - drawn
     print(f"fuzz: drew {len(cases)} cases in {drawn - started:.1f} s; {summary(answers, took)}")
-    assert len(answers) >= 2000
-    assert not found, f"{len(found)} of {len(answers)} cases failed:\n" + "\n".join(found[:25])
-    statuses = Counter(a.status for a in answers)
-    assert statuses[200] >= 100 and statuses[400] >= 500  # the fuzz reaches the engines and the checks
-
+    print("\n".join(found[:25]))
+    # The state after the run first (a failed case must not hide drift), then every case's answer.
     assert_still_serving(root, (SIM, SPILL, HOSTED))
     doc = wait_for(lambda: settled(root), 20, what="open_requests 0 and no in-flight request")
     assert doc["pools"][POOL]["breaker"] == "closed", doc["pools"][POOL]  # client mistakes never open it
+    assert len(answers) >= 2000
+    statuses = Counter(a.status for a in answers)
+    assert statuses[200] >= 100 and statuses[400] >= 500  # the fuzz reaches the engines and the checks
+    # KNOWN FAILURE, for the lead (serve_app/gemini_translate.py `_float_param`, not a gateway check): a number
+    # too large for a float (top_p / temperature / penalties = 10**400) on a spill or hosted_only route is an
+    # OverflowError -> 500 while the gateway checks whether Gemini could take the request.
+    assert not found, f"{len(found)} of {len(answers)} cases failed:\n" + "\n".join(found[:25])
 
 
 # Ray 2.60's HTTP proxy reads these request headers itself, before the app: it decodes them with
