@@ -272,7 +272,10 @@ def _float_param(body: dict[str, Any], name: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise BadRequest(f"'{name}' must be a number", param=name)
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond any float (hundreds of digits)
+        raise BadRequest(f"'{name}' is out of range", param=name) from None
 
 
 def _int_param(body: dict[str, Any], name: str) -> int | None:

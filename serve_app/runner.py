@@ -55,6 +55,9 @@ def _run(args: argparse.Namespace) -> int:
     from serve_app.app import build_app
 
     logger.info("starting Ray (logical CPUs: %d, metrics port: %d)", args.num_cpus, args.metrics_port)
+    from serve_app.proxy_guard import ENV_VAR, IMPORT_PATH
+
+    os.environ.setdefault(ENV_VAR, IMPORT_PATH)  # the proxy starts in this cluster and inherits it
     ray.init(
         num_cpus=args.num_cpus,
         include_dashboard=True,

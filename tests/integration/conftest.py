@@ -26,6 +26,10 @@ def ray_cluster() -> Iterator[dict[str, Any]]:
     # Replica processes inherit the driver's environment: client API keys for the auth tests.
     os.environ[TEST_KEYS_ENV] = ",".join(TEST_KEYS)
     os.environ[GEMINI_TEST_KEY_ENV] = GEMINI_TEST_KEY
+    # The proxy guard (serve_app/proxy_guard.py), as serve-app run and the KubeRay manifests set it.
+    from serve_app.proxy_guard import ENV_VAR, IMPORT_PATH
+
+    os.environ[ENV_VAR] = IMPORT_PATH
     ray.init(
         num_cpus=8,
         include_dashboard=False,
