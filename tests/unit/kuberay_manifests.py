@@ -23,6 +23,14 @@ KUBERAY = REPO / "kuberay"
 # never read outside the repository root, so they pass from any clone.
 KUBERAY_VERSION = "v1.7.0"
 CRD_DIR = KUBERAY / "crds" / KUBERAY_VERSION
+# Every vendored CRD by kind: (file under kuberay/crds, served version). Each folder has a PROVENANCE.txt.
+CRDS = {
+    "RayService": (f"{KUBERAY_VERSION}/ray.io_rayservices.yaml", "v1"),
+    "Gateway": ("gateway-api-v1.6.1/gateway.networking.k8s.io_gateways.yaml", "v1"),
+    "HTTPRoute": ("gateway-api-v1.6.1/gateway.networking.k8s.io_httproutes.yaml", "v1"),
+    "GCPBackendPolicy": ("gke-gateway-api/networking.gke.io_gcpbackendpolicies.yaml", "v1"),
+    "HealthCheckPolicy": ("gke-gateway-api/networking.gke.io_healthcheckpolicies.yaml", "v1"),
+}
 
 
 # ------------------------------------------------------------------------------------------ rendering
@@ -101,6 +109,9 @@ def quantity(value: str | int | float) -> float:
 
 
 # ------------------------------------------------------------------------- strict KubeRay CRD schema
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: the CRDs are large
+
+
 def _strict(node: Any) -> Any:
     """Close every object schema that lists its properties, unless it preserves unknown fields."""
     if isinstance(node, dict):
@@ -118,14 +129,25 @@ def _strict(node: Any) -> Any:
 
 
 @functools.cache
+def crd_document(kind: str) -> dict[str, Any]:
+    path, _ = CRDS[kind]
+    crd: dict[str, Any] = yaml.load((KUBERAY / "crds" / path).read_text(), Loader=_LOADER)
+    assert crd["kind"] == "CustomResourceDefinition" and crd["spec"]["names"]["kind"] == kind, path
+    return crd
+
+
+@functools.cache
 def crd_validator(kind: str) -> jsonschema.Draft7Validator:
-    crd = yaml.safe_load((CRD_DIR / f"ray.io_{kind.lower()}s.yaml").read_text())
-    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    crd = crd_document(kind)
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == CRDS[kind][1]]
     schema = _strict(version["schema"]["openAPIV3Schema"])
     jsonschema.Draft7Validator.check_schema(schema)
     return jsonschema.Draft7Validator(schema)
 
 
 def crd_errors(doc: dict[str, Any]) -> list[str]:
+    group, served = crd_document(doc["kind"])["spec"]["group"], CRDS[doc["kind"]][1]
+    if doc["apiVersion"] != f"{group}/{served}":
+        return [f"apiVersion: {doc['apiVersion']} is not {group}/{served}"]
     errors = crd_validator(doc["kind"]).iter_errors(doc)
     return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors]

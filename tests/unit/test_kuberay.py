@@ -25,6 +25,7 @@ from serve_app.ops.plan import PlanInputs, PlanResult, load_gpu, plan
 from serve_app.ops.plan_model import load_model
 from tests.unit.kuberay_manifests import (
     CRD_DIR,
+    CRDS,
     KUBERAY,
     KUBERAY_VERSION,
     app_config,
@@ -41,21 +42,29 @@ from tests.unit.kuberay_manifests import (
 )
 
 OVERLAYS = sorted(p.name for p in (KUBERAY / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
-GPU_OVERLAYS = {"gke-l4": "nvidia-l4", "gke-l4-pvc": "nvidia-l4", "gke-h100": "nvidia-h100-80gb"}
+GPU_OVERLAYS = {
+    "gke-l4": "nvidia-l4",
+    "gke-l4-pvc": "nvidia-l4",
+    "gke-h100": "nvidia-h100-80gb",
+    "gke-gateway-api": "nvidia-l4",  # gke-l4 + components/gke-gateway-api
+}
+# Kinds in every overlay, and the CRD kinds only the Gateway API component adds (test_kuberay_hardening.py).
+BASE_KINDS = {"RayService", "ServiceAccount", "PodMonitoring", "NetworkPolicy"}
+GATEWAY_API_KINDS = {"Gateway", "HTTPRoute", "GCPBackendPolicy", "HealthCheckPolicy"}
 K8S_VERSION = "1.35"  # a GKE regular-channel version kubernetes-validate ships schemas for
 GPU = "nvidia.com/gpu"
 UPGRADE_TYPES = {"None", "NewCluster", "NewClusterWithIncrementalUpgrade"}  # KubeRay 1.7 validation
 
 
-def test_vendored_crd_matches_its_provenance() -> None:
-    # The schema every RayService is checked against is KubeRay's file byte for byte (PROVENANCE.txt).
-    provenance = (CRD_DIR / "PROVENANCE.txt").read_text()
-    assert f"KubeRay version: {KUBERAY_VERSION}" in provenance
-    files = sorted(p.name for p in CRD_DIR.glob("*.yaml"))
-    assert files == ["ray.io_rayservices.yaml"]
-    for name in files:
-        digest = hashlib.sha256((CRD_DIR / name).read_bytes()).hexdigest()
-        assert f"sha256: {digest}  {name}" in provenance, name
+def test_vendored_crds_match_their_provenance() -> None:
+    # The schemas the manifests are checked against are the upstream files byte for byte (PROVENANCE.txt).
+    assert f"KubeRay version: {KUBERAY_VERSION}" in (CRD_DIR / "PROVENANCE.txt").read_text()
+    vendored = sorted(p.relative_to(KUBERAY / "crds") for p in (KUBERAY / "crds").rglob("*.yaml"))
+    assert [str(p) for p in vendored] == sorted(path for path, _ in CRDS.values())
+    for path in vendored:
+        provenance = (KUBERAY / "crds" / path.parent / "PROVENANCE.txt").read_text()
+        digest = hashlib.sha256((KUBERAY / "crds" / path).read_bytes()).hexdigest()
+        assert f"sha256: {digest}  {path.name}" in provenance, path
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -78,8 +87,11 @@ def test_strict_crd_schema_rejects_unknown_fields() -> None:
 def test_builtin_kinds_and_pod_templates_validate(overlay: str) -> None:
     docs = render(f"overlays/{overlay}")
     kinds = {d["kind"] for d in docs}
-    assert kinds == {"RayService", "ServiceAccount", "PodMonitoring"}, kinds  # no stray ConfigMap
-    kubernetes_validate.validate(one(docs, "ServiceAccount"), K8S_VERSION, strict=True)
+    extra = GATEWAY_API_KINDS if overlay == "gke-gateway-api" else set()
+    assert kinds == BASE_KINDS | extra, kinds  # no stray ConfigMap
+    for doc in docs:
+        if doc["kind"] in {"ServiceAccount", "NetworkPolicy"}:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
     # The Ray pod templates are core PodTemplateSpecs: check them with the Kubernetes schema as well.
     for name, template in pod_templates(overlay).items():
         wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name}, "template": template}
@@ -143,13 +155,21 @@ def test_cluster_passes_kuberay_operator_rules(overlay: str) -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_every_ray_container_gets_secrets_from_secret_refs(overlay: str) -> None:
+def test_each_pod_gets_only_the_secrets_its_deployments_read(overlay: str) -> None:
+    # The gateway (pinned to the `gateway` group) reads the Gemini key and the client keys; the engines
+    # read at most HF_TOKEN (gated models by hub id); the head runs no replica and reads none.
     cfg = app_config(overlay)
     assert cfg.gemini is not None and cfg.gateway.api_keys_env
-    required = {cfg.gemini.api_key_env, cfg.gateway.api_keys_env}
-    for name, template in pod_templates(overlay).items():
-        env = {e["name"]: e for e in ray_container(template)["env"]}
-        for var in [*required, "HF_TOKEN"]:
+    expected = {"head": set(), "gateway": {cfg.gemini.api_key_env, cfg.gateway.api_keys_env}, "llm": {"HF_TOKEN"}}
+    templates = pod_templates(overlay)
+    assert set(templates) == set(expected)
+    for name, template in templates.items():
+        container = ray_container(template)
+        assert "envFrom" not in container, name  # a whole Secret would hand over every key
+        env = {e["name"]: e for e in container.get("env", [])}
+        from_secrets = {var for var, e in env.items() if "secretKeyRef" in e.get("valueFrom", {})}
+        assert from_secrets == expected[name], (name, from_secrets)
+        for var in from_secrets:
             assert "value" not in env[var], f"{name}: {var} must come from a Secret"
             ref = env[var]["valueFrom"]["secretKeyRef"]
             assert ref["optional"] is True if var == "HF_TOKEN" else not ref.get("optional"), (name, var)

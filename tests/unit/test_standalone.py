@@ -67,8 +67,8 @@ def test_kuberay_tests_pass_from_a_copy_in_an_empty_directory(tmp_path: Path) ->
     assert probe.returncode == 0, probe.stderr
     for line in probe.stdout.split():
         assert Path(line).resolve().is_relative_to(copy.resolve()), line
-    test_file = str(copy / "tests/unit/test_kuberay.py")
-    result = run_in(copy, "-m", "pytest", test_file, "-q", "-p", "no:cacheprovider", timeout=120)
+    tests = [str(copy / "tests/unit" / name) for name in ("test_kuberay.py", "test_kuberay_hardening.py")]
+    result = run_in(copy, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider", timeout=180)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert re.search(r"\b\d+ passed\b", result.stdout) and " failed" not in result.stdout, result.stdout[-2000:]
 
