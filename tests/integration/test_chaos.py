@@ -313,3 +313,31 @@ def test_readiness_follows_the_pools(base: str) -> None:
     ready = httpx.get(f"{root(base)}/health/ready", timeout=10)
     assert ready.status_code == 200
     assert httpx.get(f"{root(base)}/health", timeout=10).status_code == 200
+
+
+def test_request_log_line_reaches_the_gateway_replica_log(base: str) -> None:
+    """The per-request JSON line is written at INFO in the running app, without prompt text."""
+    import glob
+    import json
+    import os
+
+    import ray
+
+    secret = "purple-elephant-prompt"
+    body = {"model": SELF, "messages": [{"role": "user", "content": secret}], "max_tokens": 2}
+    r = httpx.post(f"{base}/chat/completions", json=body, headers={"X-Request-Id": "log-probe-77"}, timeout=30)
+    assert r.status_code == 200
+    logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs", "serve")
+
+    def line() -> dict[str, Any] | None:
+        for path in glob.glob(os.path.join(logs, f"replica_{APP}_Gateway_*.log")):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for raw in f:
+                    if '"request_id":"log-probe-77"' in raw and "{" in raw:
+                        found: dict[str, Any] = json.loads(raw[raw.index("{") :])
+                        assert secret not in raw
+                        return found
+        return None
+
+    entry = wait_for(line, 20, what="the request log line in the gateway replica's log")
+    assert entry["outcome"] == "ok" and entry["route"] == "self_hosted" and entry["completion_tokens"] == 2
