@@ -14,6 +14,7 @@ that session, never with `ray stop` (which stops every Ray process on the machin
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import signal
@@ -30,11 +31,12 @@ import openai
 import pytest
 
 from tests.support import free_port, wait_for
-from tests.unit.kuberay_manifests import serve_config
+from tests.unit.kuberay_manifests import group, ray_container, serve_config
 
 pytestmark = pytest.mark.ray
 
 CLIENT_KEY = "sk-kuberay-test-0123456789"
+GATEWAY_GROUP_RESOURCES = {"gateway": 100}
 APP = "serve_app"
 
 
@@ -60,7 +62,10 @@ class LocalRayHead:
         cmd += ["--node-ip-address", "127.0.0.1", "--temp-dir", self.temp_dir]
         cmd += ["--port", str(free_port()), "--dashboard-host", "127.0.0.1"]
         cmd += ["--dashboard-port", str(self.dashboard_port), "--ray-client-server-port", str(free_port())]
-        cmd += ["--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port())]
+        self.agent_port = free_port()
+        cmd += ["--dashboard-agent-listen-port", str(self.agent_port), "--metrics-export-port", str(free_port())]
+        # Like the gateway worker group (rayStartParams.resources): the Gateway deployment asks for it.
+        cmd += ["--resources", json.dumps(GATEWAY_GROUP_RESOURCES)]
         self.log = open(Path(self.temp_dir) / "ray-start.log", "wb")  # closed in stop()
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self.url = f"http://127.0.0.1:{self.dashboard_port}"
@@ -180,3 +185,35 @@ def test_route_change_reconfigures_gateway_without_restarting_the_engine(
     wait_for(new_alias_served, 60, 0.5, "the new route alias")
     wait_for(lambda: ray_head.app_status() == "RUNNING", 60, 0.5, "RUNNING after the update")
     assert ray_head.replica_ids("LLMServer-sim") == engines_before
+
+
+def run_llm_readiness_probe(
+    head: LocalRayHead, proxy_url: str, token: str, pod_ip: str
+) -> subprocess.CompletedProcess[str]:
+    """The llm group's readinessProbe script from the rendered manifest, pointed at this local cluster."""
+    command = ray_container(group("local-test", "llm")["template"])["readinessProbe"]["exec"]["command"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PROBE_"))}
+    env.update(PROBE_HEAD_URL=head.url, PROBE_AGENT_URL=f"http://127.0.0.1:{head.agent_port}")
+    env.update(PROBE_PROXY_URL=proxy_url, RAY_AUTH_TOKEN=token, SERVE_APP_POD_IP=pod_ip)
+    return subprocess.run([sys.executable, *command[1:]], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_llm_readiness_probe_against_the_real_cluster(ray_head: LocalRayHead, deployed: dict[str, Any]) -> None:
+    # The real raylet health endpoint, Serve proxy and token-protected Serve REST API: the engine replica
+    # runs on this (only) node, so the probe passes; without the token or on another IP it fails.
+    # This node's IP as Ray reports it (the Serve controller runs here too): on a pod, status.podIP.
+    node_ip = (ray_head.serve_status() or {})["controller_info"]["node_ip"]
+    proxy = deployed["base_url"].removesuffix("/v1")
+    ok = run_llm_readiness_probe(ray_head, proxy, ray_head.token, node_ip)
+    assert ok.returncode == 0, ok.stderr
+    assert run_llm_readiness_probe(ray_head, proxy, "wrong-token", node_ip).returncode != 0
+    elsewhere = run_llm_readiness_probe(ray_head, proxy, ray_head.token, "10.255.255.1")
+    assert elsewhere.returncode != 0 and "none" in elsewhere.stderr
+
+
+def test_gateway_replica_runs_on_the_gateway_resource(ray_head: LocalRayHead, deployed: dict[str, Any]) -> None:
+    # Serve placed the Gateway only because this node offers the `gateway` resource it asks for.
+    status = ray_head.serve_status() or {}
+    gateway = status["applications"][APP]["deployments"]["Gateway"]
+    assert gateway["deployment_config"]["ray_actor_options"]["resources"] == {"gateway": 1.0}
+    assert {r["state"] for r in gateway["replicas"]} == {"RUNNING"}
