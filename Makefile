@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PIP_EXTRA ?=
 export SERVE_APP_CACHE ?= $(HOME)/.cache/serve_app
 
-.PHONY: help install model run test test-unit test-integration lint observe prometheus demo-spill trace soak bench clean
+.PHONY: help install model run test test-unit test-integration lint observe prometheus demo-spill trace soak failover bench clean
 
 help:
 	@echo "make run      serve SmolLM2 on CPU with the real vLLM engine at http://127.0.0.1:8000"
@@ -75,6 +75,10 @@ bench: install model
 	$(BIN)/python -m bench.overhead $(BENCH_FLAGS)
 	$(BIN)/python -m bench.streaming_ceiling $(BENCH_FLAGS)
 	$(BIN)/python -m bench.overload $(BENCH_FLAGS)
+
+# Mid-stream failover (issue 12): 200 streams, a replica SIGKILLed every 20 s (simulated engine; bench/README.md).
+failover: install
+	$(BIN)/python -m bench.failover $(BENCH_FLAGS)
 
 demo-spill: install model
 	$(BIN)/python -m bench.demo_spill
