@@ -60,7 +60,11 @@ def build_config(args: argparse.Namespace, gemini_url: str) -> dict[str, Any]:
     if args.policy == "spill":
         route["gemini_model"] = "gemini-3.5-flash-lite"
     gemini = {"api_key_env": GEMINI_KEY_ENV, "base_url": gemini_url, "timeout_s": 30}
-    deployment = {"num_replicas": args.replicas, "max_ongoing_requests": 32, "max_queued_requests": 64}
+    deployment = {
+        "num_replicas": args.replicas,
+        "max_ongoing_requests": args.max_ongoing,
+        "max_queued_requests": 64,
+    }
     if args.engine == "simulated":
         pool: dict[str, Any] = {
             "engine": "simulated",
@@ -230,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kill-every", type=float, default=20.0)
     ap.add_argument("--max-kills", type=int, default=0, help="stop killing after this many (0: no limit)")
     ap.add_argument("--replicas", type=int, default=3)
+    ap.add_argument("--max-ongoing", type=int, default=32, help="Serve max_ongoing_requests per LLMServer replica")
     ap.add_argument("--min-tokens", type=int, default=200)
     ap.add_argument("--max-tokens", type=int, default=400)
     ap.add_argument("--tok-s", type=float, default=20.0, help="simulated tokens/s per sequence")
