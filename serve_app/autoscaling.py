@@ -271,7 +271,9 @@ def desired_replicas(
     if target > base:
         up_since = state.up_since if state.up_since is not None else now
         if now - up_since >= cfg.upscale_delay_s:
-            return target, PolicyState(None, None, learned, f"up {base}->{target}: {why}", inputs)
+            # The timer stays: demand that still asks for more on the next tick has already persisted
+            # for the delay (a step that arrives in two reports must not wait a second full delay).
+            return target, PolicyState(up_since, None, learned, f"up {base}->{target}: {why}", inputs)
         return base, PolicyState(up_since, None, learned, f"up to {target} pending: {why}", inputs)
     if target < base:
         if blind:
@@ -289,6 +291,9 @@ def desired_replicas(
 
 
 # ------------------------------------------------------------------------------------------ Ray side
+_PEAK_KEYS = frozenset({CAPACITY_TOKENS_PER_S, SPILLED_ONGOING, SPILLED_TOKENS_PER_S})
+
+
 def _series_stats(series: Any, peak: bool) -> tuple[float, float] | None:
     """(newest timestamp, mean or max value) of a Ray TimeSeries; None when it is empty."""
     if not series:
@@ -312,7 +317,9 @@ def observations_from_raw(
         values: dict[str, float] = {}
         oldest = math.inf
         for key in STAT_KEYS:
-            got = _series_stats(raw.get(key, {}).get(rid), peak=key == CAPACITY_TOKENS_PER_S)
+            # Capacity is a peak; spilled demand is a level that only ever lags: take the highest
+            # sample of the look-back window, not its mean.
+            got = _series_stats(raw.get(key, {}).get(rid), peak=key in _PEAK_KEYS)
             if got is None:
                 if key in REQUIRED_STAT_KEYS:
                     break

@@ -54,7 +54,8 @@ class SloTicket:
     pool: str
     prompt_tokens: float
     predicted_raw: float | None
-    backlog_empty: bool
+    backlog_empty: bool  # nothing in flight: the TTFT is overhead + this request's own prefill
+    no_queue: bool  # fewer in flight than the engine batches: no slot wait expected
     waiting: bool = True  # still counted in the pool's prefill backlog
 
 
@@ -111,7 +112,9 @@ class SloBook:
         raw = p.predictor.predict_raw(backlog, prompt_tokens) if ready else None
         predicted = None if raw is None else p.base_s + raw * p.predictor.correction
         spill = gate.update(predicted)
-        ticket = SloTicket(name, prompt_tokens, raw, backlog_empty=inflight == 0)
+        per_replica = inflight / n
+        no_queue = inflight == 0 or (p.max_num_seqs is not None and per_replica < p.max_num_seqs)
+        ticket = SloTicket(name, prompt_tokens, raw, backlog_empty=inflight == 0, no_queue=no_queue)
         inputs = {
             "ttft_slo_ms": round(slo_s * 1000),
             "predicted_ttft_ms": None if predicted is None else round(predicted * 1000, 1),
@@ -139,11 +142,16 @@ class SloBook:
         raw = ticket.predicted_raw
         if raw is None:
             return
-        if not ticket.backlog_empty:
-            p.predictor.observe(raw, max(0.0, ttft_s - p.base_s))
+        if not ticket.no_queue:
+            if ttft_s > p.base_s:  # a TTFT under the overhead says nothing about the load part
+                p.predictor.observe(raw, ttft_s - p.base_s)
             return
+        # The fixed overhead: drops at once to a faster answer (a slow first request after deploy must
+        # not inflate it for minutes), rises slowly.
         residual = max(0.0, ttft_s - raw)
-        p.base_s += _EWMA * (residual - p.base_s)
+        p.base_s = residual if residual < p.base_s else p.base_s + _EWMA * (residual - p.base_s)
+        if not ticket.backlog_empty:
+            return
         step = p.decode_step_s if p.decode_step_s is not None else _PRIOR_DECODE_STEP_S
         spent = ttft_s - p.base_s - step
         if ticket.prompt_tokens >= _LEARN_PREFILL_FROM_TOKENS and spent > 0:

@@ -74,3 +74,19 @@ def test_no_ready_replica_never_spills_on_the_slo() -> None:
     book = SloBook()
     spill, ticket, inputs = book.decide("p", "a", 0.5, ready=0, inflight=3, prompt_tokens=50)
     assert not spill and ticket.predicted_raw is None and inputs["predicted_ttft_ms"] is None
+
+
+def test_a_slow_first_request_does_not_inflate_the_overhead() -> None:
+    """Right after deploy one request took 4.2 s on an idle pool; the next fast ones bring the learned
+    overhead down at once, and requests below the batch size (no slot wait) keep teaching it."""
+    book = SloBook()
+    book.observe_load("p", running=1, tokens_per_s=20, max_num_seqs=4)
+    _, slow, _ = book.decide("p", "a", 3.0, ready=1, inflight=0, prompt_tokens=8)
+    book.sent(slow)
+    book.first_token(slow, 4.2)
+    assert book.pool("p").base_s > 0.5
+    _, fast, _ = book.decide("p", "a", 3.0, ready=1, inflight=2, prompt_tokens=8)  # 2 of 4 slots busy
+    assert fast.no_queue and not fast.backlog_empty
+    book.sent(fast)
+    book.first_token(fast, 0.11)
+    assert book.pool("p").base_s < 0.11
