@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from serve_app.app import build_app
+    from serve_app.config import GatewayConfig
 
     with running_standin(api_key=GEMINI_KEY, latency_ms=300, tokens_per_second=100) as standin:
         config = build_config(args, standin.base_url)
@@ -261,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             run = asyncio.run(run_load(args, f"http://127.0.0.1:{port}", run_id))
             time.sleep(3)  # let the gateway write its last log lines
             logs = gateway_log_lines(session, run_id)
+    gw = GatewayConfig()  # the run sets none of these: the defaults apply
     table = rows(run["results"], logs, args.engine, run["reference"], run["kills"], run["pool"])
     summary = summarize(table, run["kills"])
     loads = [v for _, v in run["load"]]
@@ -268,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         command=" ".join(["python -m bench.failover", *(argv if argv is not None else sys.argv[1:])]),
         engine=args.engine,
         config=config,
-        gateway_defaults={"max_continuations": 2, "pool_retries": 1, "stream_idle_timeout_s": 60},
+        gateway_defaults={k: getattr(gw, k) for k in ("max_continuations", "pool_retries", "stream_idle_timeout_s")},
         args={k: str(v) for k, v in vars(args).items()},
         duration_s=round(run["duration_s"], 1),
         load_average_1m={
