@@ -301,7 +301,7 @@ class Dispatcher:
         rec.upstream_model = self.served_names.get(pool, pool)
         attempt = 0
         while True:
-            request_id = rec.request_id if attempt == 0 else f"{rec.request_id}-r{attempt}"
+            request_id = rec.engine_id if attempt == 0 else f"{rec.engine_id}-r{attempt}"
             try:
                 gen, head, ticket = await self.open_pool(rec, route, pool, body, request_id, slo_ticket)
                 break

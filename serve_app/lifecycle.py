@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,7 +63,14 @@ class RequestRecord:
     failovers: list[str] = field(default_factory=list)  # "from->to:reason" per mid-stream continuation
     spill_inputs: dict[str, Any] | None = None  # what the spill decision saw (explainability)
     id_header: bool = True  # send x-request-id ourselves (False when Ray's proxy already adds it)
+    # The engine request id: the request id plus a unique tail, so two clients sending the same
+    # X-Request-Id can never abort or mix each other's engine requests.
+    engine_id: str = ""
     finished: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.engine_id:
+            self.engine_id = f"{self.request_id}-{uuid.uuid4().hex[:8]}"
 
     def fail(self, status: int, outcome: str | None = None) -> None:
         self.status, self.outcome = status, outcome or outcome_for_status(status)
@@ -70,6 +78,7 @@ class RequestRecord:
     def log_fields(self) -> dict[str, Any]:
         return {
             "request_id": self.request_id,
+            "engine_id": self.engine_id if self.route == "self_hosted" else None,
             "model": self.alias,
             "kind": self.kind,
             "stream": self.stream,

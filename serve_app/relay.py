@@ -264,7 +264,7 @@ class Relay:
             self._count_refused(broken, "nothing_left")
             return None
         self.continuations += 1
-        request_id = f"{self.rec.request_id}-c{self.continuations}"
+        request_id = f"{self.rec.engine_id}-c{self.continuations}"
         started = time.monotonic()
         resumed = await self._continue_on_pool(next_body, request_id, partial)
         target = "self_hosted"
