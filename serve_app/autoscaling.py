@@ -269,7 +269,10 @@ def desired_replicas(
     inputs["replicas_blind"] = float(blind)
     target = _clamp(wanted, cfg)
     if target > base:
-        up_since = state.up_since if state.up_since is not None else now
+        # The wish started when the replicas reported it, not at this tick (Ray pushes reports every
+        # metrics interval: up to that much of the delay would otherwise be lost).
+        reported = max(o.timestamp for o in fresh)
+        up_since = state.up_since if state.up_since is not None else min(now, reported)
         if now - up_since >= cfg.upscale_delay_s:
             # The timer stays: demand that still asks for more on the next tick has already persisted
             # for the delay (a step that arrives in two reports must not wait a second full delay).

@@ -226,9 +226,9 @@ def test_desired_replicas(
 @pytest.mark.parametrize(
     ("observations", "state", "up_since", "down_since"),
     [
-        (obs(load(waiting=30)), S, NOW, None),  # wish to go up starts now
+        (obs(load(waiting=30)), S, NOW - 1, None),  # the wish starts when it was reported (1 s ago)
         (obs(load(waiting=30)), PolicyState(up_since=NOW - 3), NOW - 3, None),  # and keeps its start
-        (obs(load(waiting=30)), PolicyState(down_since=NOW - 3), NOW, None),  # direction flip restarts
+        (obs(load(waiting=30)), PolicyState(down_since=NOW - 3), NOW - 1, None),  # direction flip restarts
         (obs(IDLE, IDLE, IDLE), S, None, NOW),
         (obs(IDLE, IDLE, IDLE), PolicyState(down_since=NOW - 3), None, NOW - 3),
         (obs(IDLE, IDLE, IDLE), PolicyState(up_since=NOW - 3), None, NOW),
