@@ -12,7 +12,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from serve_app.config import AppConfig, ConfigError, load_any_config, load_config
+from serve_app.config import AppConfig, ConfigError, load_config
+from serve_app.serve_configs import load_any_config
 
 # Modules that add sub-commands; a module that is not there yet is skipped.
 _TOOL_MODULES = (

@@ -10,7 +10,8 @@ import yaml
 
 from serve_app.app import serve_config
 from serve_app.cli import main
-from serve_app.config import ConfigError, load_any_config, parse_config
+from serve_app.config import ConfigError, parse_config
+from serve_app.serve_configs import load_any_config
 
 CFG: dict[str, Any] = {
     "pools": {"p": {"engine": "simulated", "model": "m"}},
