@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ray.exceptions import TaskCancelledError
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -105,6 +106,10 @@ class RelayResponse(StreamingResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
+        except TaskCancelledError:
+            # Ray's proxy cancelled the request (the client left): Starlette's disconnect listener sees
+            # it from receive(). A client abort, not an error: the close hook records it.
+            pass
         finally:
             self._on_close()
 
