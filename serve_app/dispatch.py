@@ -34,6 +34,7 @@ from serve_app.slo_state import SloTicket, estimate_prompt_tokens
 logger = logging.getLogger(__name__)
 
 SELF_HOSTED, GEMINI = "self_hosted", "gemini"
+RETRY_BACKOFF_S = 0.2
 
 
 class HostedBackend(Protocol):
@@ -313,6 +314,7 @@ class Dispatcher:
                     raise  # no other replica to try: Gemini answers sooner than a replacement starts
                 rec.retries += 1
                 self.metrics.inc("pool_retries", pool=pool, reason=failure.reason)
+                await asyncio.sleep(RETRY_BACKOFF_S * attempt)  # let routers learn of a replica that died
                 logger.info("request %s: retrying on the pool after %s", rec.request_id, failure.reason)
         self.metrics.observe("queue_seconds", time.monotonic() - rec.started, model=rec.alias, route=rec.route)
         backend = Backend(SELF_HOSTED, gen, pool=pool, ticket=ticket)

@@ -30,6 +30,7 @@ from serve_app.streaming import coalesce
 logger = logging.getLogger(__name__)
 
 _PUBLISH_INTERVAL_S = 0.5
+_DEAD_HOLD_S = 2.0  # see _guarded: longer than the exit delay in _leave_soon
 _RATE_WINDOW_S = 5.0  # tokens/s is measured over this window
 _PEAK_WINDOW_S = 600.0  # the capacity estimate is the peak tokens/s over this window
 
@@ -181,6 +182,11 @@ class LLMServer:
             self._leave_soon()
         problem = self._health_problem()
         if problem is not None:
+            if self._engine_dead:
+                # This process exits in a moment: holding the call until then turns it into an actor death,
+                # which makes the caller's router drop this replica at once (a quick 503 would make it look
+                # idle, and the retry would likely come straight back here).
+                await asyncio.sleep(_DEAD_HOLD_S)
             yield ErrorReply(503, error_body(f"replica unavailable: {problem}", "service_unavailable", None, 503))
             return
         self._active += 1

@@ -298,7 +298,7 @@ class Relay:
         self.produced_before = self.produced
 
     async def _continue_on_pool(self, body: dict[str, Any], request_id: str, partial: cont.Partial) -> list[str] | None:
-        from serve_app.dispatch import AttemptFailed
+        from serve_app.dispatch import RETRY_BACKOFF_S, AttemptFailed
 
         pool = self.route.pool
         if pool is None or self.route.policy == "hosted_only":
@@ -313,6 +313,7 @@ class Relay:
                 logger.info("request %s: continuation on the pool failed: %s", self.rec.request_id, failure.reason)
                 if not failure.retryable:
                     return None
+                await asyncio.sleep(RETRY_BACKOFF_S * (attempt + 1))
         else:
             return None
         last = head.last

@@ -13,8 +13,17 @@ import httpx
 from tests.support import wait_for
 
 
-def stream(url: str, body: dict[str, Any], timeout: float = 60, abort_after: int | None = None) -> dict[str, Any]:
-    """POST a streaming request; collect data events (or close after `abort_after` of them)."""
+def stream(
+    url: str,
+    body: dict[str, Any],
+    timeout: float = 60,
+    abort_after: int | None = None,
+    progress: list[int] | None = None,
+) -> dict[str, Any]:
+    """POST a streaming request; collect data events (or close after `abort_after` of them).
+
+    `progress`, when given, gets one element appended per data event (a thread-safe count for a test
+    that must act while the stream is still running)."""
     started = time.monotonic()
     events: list[str] = []
     comments: list[str] = []
@@ -28,6 +37,8 @@ def stream(url: str, body: dict[str, Any], timeout: float = 60, abort_after: int
                 comments.append(line)
             elif line.startswith("data: "):
                 events.append(line.removeprefix("data: "))
+                if progress is not None:
+                    progress.append(1)
                 if abort_after is not None and len(events) >= abort_after:
                     break
     return {
