@@ -65,8 +65,9 @@ def _idle(base: str) -> None:
     wait_for(lambda: (p := _pool(base))["running"] == 0 and not p["saturated"], 15, what="idle, unsaturated pool")
 
 
-def _stream(base: str, model: str, max_tokens: int = 20) -> dict[str, Any]:
+def _stream(base: str, model: str, max_tokens: int = 20, **extra: Any) -> dict[str, Any]:
     body = {
+        **extra,
         "model": model,
         "messages": [{"role": "user", "content": "tell me"}],
         "max_tokens": max_tokens,
@@ -143,17 +144,29 @@ def test_failing_replica_spills_then_breaker_opens_and_closes(base: str) -> None
     assert _pool(base)["breaker"] == "closed"
 
 
-def test_error_after_first_byte_is_one_sse_error_event(base: str) -> None:
+def test_error_after_first_byte_that_cannot_continue_is_one_sse_error_event(base: str) -> None:
     _idle(base)
     _set_faults(fail_after_tokens=3)
-    try:
-        r = _stream(base, SPILL, max_tokens=10)
+    try:  # logprobs: a continuation could not reproduce them, so the stream is not continued
+        r = _stream(base, SPILL, max_tokens=10, logprobs=True)
     finally:
         _set_faults(fail_after_tokens=None)
     assert r["status"] == 200 and r["by"] == "self-hosted"
     errors = [e for e in r["events"] if e != "[DONE]" and "error" in json.loads(e)]
     assert len(errors) == 1 and r["events"][-1] == "[DONE]"
-    # Every attempt (the stream and its continuations) failed: the breaker opened. Let it recover.
+
+
+def test_error_after_first_byte_continues_and_finishes_on_gemini(base: str) -> None:
+    _idle(base)
+    _set_faults(fail_after_tokens=3)
+    try:  # every pool attempt dies after 3 tokens: the answer is finished by the (continuable) stand-in
+        r = _stream(base, SPILL, max_tokens=10)
+    finally:
+        _set_faults(fail_after_tokens=None)
+    assert r["status"] == 200 and r["by"] == "self-hosted"
+    assert not [e for e in r["events"] if e != "[DONE]" and "error" in json.loads(e)]
+    assert r["events"][-1] == "[DONE]"
+    # The pool failed every attempt it got: the breaker opened. Let it recover.
     time.sleep(OPEN_S + 0.2)
     assert _stream(base, SPILL, max_tokens=2)["by"] == "self-hosted"
     assert _pool(base)["breaker"] == "closed"

@@ -199,4 +199,9 @@ async def test_close_lets_running_streams_finish(stand: StandIn, monkeypatch: py
     rest = [item async for item in gen]
     text = "".join(e["choices"][0]["delta"].get("content", "") for e in events([first, *rest])[:-1])
     assert text == "Gemini stand-in reply: another one please"
+    # The stand-in records the outcome after its last write, which can land after the client read it.
+    for _ in range(100):
+        if stand.requests()[0].get("stream_outcome") is not None:
+            break
+        await asyncio.sleep(0.05)
     assert stand.requests()[0].get("stream_outcome") == "complete"

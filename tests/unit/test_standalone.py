@@ -161,7 +161,13 @@ def test_installed_venv_matches_the_lock() -> None:
     from importlib.metadata import distributions
 
     lock = {**pins("constraints.txt"), **pins("constraints-cpu.txt")}
-    installed = {re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower(): d.version for d in distributions()}
+    # The first distribution of a name on sys.path is the one imported; copies vendored inside another
+    # package (setuptools puts its _vendor folder on sys.path once imported) are not installs.
+    installed: dict[str, str] = {}
+    for d in distributions():
+        if "_vendor" in str(getattr(d, "_path", "")):
+            continue
+        installed.setdefault(re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower(), d.version)
     drift = {
         name: (installed[name], version) for name, version in lock.items() if installed.get(name, version) != version
     }
