@@ -234,8 +234,10 @@ def test_dead_engine_answers_503_fast_and_is_replaced(base: str) -> None:
     assert r.status_code in (200, 503) and time.monotonic() - started < 10
     if r.status_code == 503:
         assert int(r.headers["retry-after"]) > 0
+    # The dead replicas exit (their held calls turn into actor deaths) and Serve starts new ones within
+    # seconds: a spill-route request is answered either by Gemini or by a fresh replica, never an error.
     spilled = httpx.post(f"{base}/chat/completions", json=chat(SPILL, 3), timeout=30)
-    assert spilled.status_code == 200 and spilled.headers["x-served-by"] == "gemini"
+    assert spilled.status_code == 200 and spilled.headers["x-served-by"] in ("gemini", "self-hosted")
     wait_for(lambda: not (set(replica_stats(APP, DEPLOYMENT, 2)) & before), 120, what="dead replicas replaced")
     ok = httpx.post(f"{base}/chat/completions", json=chat(SELF, 3), timeout=30)
     assert ok.status_code == 200 and ok.headers["x-served-by"] == "self-hosted"
