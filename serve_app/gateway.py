@@ -254,6 +254,11 @@ class Gateway:
             self._metrics.set("pool_tokens_per_second", d["tokens_per_s"], pool=name)
             self._metrics.set("pool_saturated", 1.0 if d["saturated"] else 0.0, pool=name)
             self._metrics.set("breaker_state", {"closed": 0, "half_open": 1, "open": 2}[d["breaker"]], pool=name)
+        # Gauges set only on events are re-set here too: a series nobody records for a while is dropped by
+        # Ray's exporter, and an idle in-flight count of 0 is a value, not a gap.
+        self._ledger.export_inflight()
+        for model, status in self._hosted_status.items():
+            self._metrics.set("gemini_model_up", 1.0 if status.get("ok") else 0.0, model=model)
 
     # ------------------------------------------------------------------------------------ routes
     @api.get("/health")

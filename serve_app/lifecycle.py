@@ -121,6 +121,10 @@ class Ledger:
         self._inflight[key] = self._inflight.get(key, 0) + delta
         self.metrics.set("inflight_requests", self._inflight[key], model=rec.alias, route=rec.route)
 
+    def export_inflight(self) -> None:
+        for (alias, route), n in self._inflight.items():
+            self.metrics.set("inflight_requests", n, model=alias, route=route)
+
     def inflight(self) -> dict[str, int]:
         return {f"{alias}/{route}": n for (alias, route), n in self._inflight.items()}
 
