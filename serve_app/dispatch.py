@@ -266,7 +266,9 @@ class Dispatcher:
             self.monitor.slo.sent(slo_ticket)
         try:
             gen = self.call_pool(pool, rec.kind, dict(body), rec.alias, request_id, getattr(route, "lora", None))
-            head = await read_head(gen, self.first_byte_timeout(route, pool) if rec.stream else self._whole_timeout())
+            head = await read_head(
+                gen, self.first_byte_timeout(route, pool) if rec.stream else self.cfg.request_timeout_s
+            )
         except AttemptFailed as failure:
             state.inflight -= 1
             if slo_ticket is not None:
@@ -286,8 +288,32 @@ class Dispatcher:
             self.monitor.slo.first_token(slo_ticket, time.monotonic() - rec.started if first_output else None)
         return gen, head, ticket
 
-    def _whole_timeout(self) -> float:
-        return self.cfg.request_timeout_s
+    async def open_pool_retrying(
+        self,
+        rec: RequestRecord,
+        route: RouteConfig,
+        pool: str,
+        body: dict[str, Any],
+        request_id: str,
+        slo_ticket: SloTicket | None = None,
+        give_up: Callable[[], bool] = lambda: False,
+    ) -> tuple[Any, Head, Ticket | None]:
+        """open_pool, retried (up to `pool_retries`, with a short backoff) while failures are retryable
+        and `give_up()` says no. The last AttemptFailed propagates."""
+        attempt = 0
+        while True:
+            try:
+                return await self.open_pool(
+                    rec, route, pool, body, request_id if attempt == 0 else f"{request_id}-r{attempt}", slo_ticket
+                )
+            except AttemptFailed as failure:
+                attempt += 1
+                if not failure.retryable or attempt > self.cfg.pool_retries or give_up():
+                    raise
+                rec.retries += 1
+                self.metrics.inc("pool_retries", pool=pool, reason=failure.reason)
+                await asyncio.sleep(RETRY_BACKOFF_S * attempt)  # let routers learn of a replica that died
+                logger.info("request %s: retrying on the pool after %s", rec.request_id, failure.reason)
 
     async def _via_pool(
         self,
@@ -300,22 +326,16 @@ class Dispatcher:
     ) -> Response:
         self.ledger.set_route(rec, SELF_HOSTED)
         rec.upstream_model = self.served_names.get(pool, pool)
-        attempt = 0
-        while True:
-            request_id = rec.engine_id if attempt == 0 else f"{rec.engine_id}-r{attempt}"
-            try:
-                gen, head, ticket = await self.open_pool(rec, route, pool, body, request_id, slo_ticket)
-                break
-            except AttemptFailed as failure:
-                attempt += 1
-                if not failure.retryable or attempt > self.cfg.pool_retries:
-                    raise
-                if route.policy == "spill" and hosted is not None and self.monitor.ready_replicas(pool) <= 1:
-                    raise  # no other replica to try: Gemini answers sooner than a replacement starts
-                rec.retries += 1
-                self.metrics.inc("pool_retries", pool=pool, reason=failure.reason)
-                await asyncio.sleep(RETRY_BACKOFF_S * attempt)  # let routers learn of a replica that died
-                logger.info("request %s: retrying on the pool after %s", rec.request_id, failure.reason)
+        gen, head, ticket = await self.open_pool_retrying(
+            rec,
+            route,
+            pool,
+            body,
+            rec.engine_id,
+            slo_ticket,
+            # no other replica to try: Gemini answers sooner than a replacement starts
+            give_up=lambda: route.policy == "spill" and hosted is not None and self.monitor.ready_replicas(pool) <= 1,
+        )
         self.metrics.observe("queue_seconds", time.monotonic() - rec.started, model=rec.alias, route=rec.route)
         backend = Backend(SELF_HOSTED, gen, pool=pool, ticket=ticket)
         return self._respond(rec, route, body, head, backend, hosted)

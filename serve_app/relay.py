@@ -298,23 +298,15 @@ class Relay:
         self.produced_before = self.produced
 
     async def _continue_on_pool(self, body: dict[str, Any], request_id: str, partial: cont.Partial) -> list[str] | None:
-        from serve_app.dispatch import RETRY_BACKOFF_S, AttemptFailed
+        from serve_app.dispatch import AttemptFailed
 
         pool = self.route.pool
         if pool is None or self.route.policy == "hosted_only":
             return None
-        for attempt in range(1 + self.d.cfg.pool_retries):  # a dead replica may be picked again: retry
-            try:
-                gen, head, ticket = await self.d.open_pool(
-                    self.rec, self.route, pool, body, f"{request_id}-{attempt}" if attempt else request_id
-                )
-                break
-            except AttemptFailed as failure:
-                logger.info("request %s: continuation on the pool failed: %s", self.rec.request_id, failure.reason)
-                if not failure.retryable:
-                    return None
-                await asyncio.sleep(RETRY_BACKOFF_S * (attempt + 1))
-        else:
+        try:  # a dead replica may be picked again: retried like a first attempt
+            gen, head, ticket = await self.d.open_pool_retrying(self.rec, self.route, pool, body, request_id)
+        except AttemptFailed as failure:
+            logger.info("request %s: continuation on the pool failed: %s", self.rec.request_id, failure.reason)
             return None
         last = head.last
         if not isinstance(last, ChunkReply):
@@ -332,25 +324,21 @@ class Relay:
         hosted, model = self.hosted, self.route.gemini_model
         if self.route.policy != "spill" or hosted is None or model is None or not self.d.continuable.get(model):
             return None
-        from serve_app.dispatch import cancel, open_hosted
+        from serve_app.dispatch import AttemptFailed, cancel, open_hosted, read_head
 
         if self.rec.kind == "completion":  # Gemini takes the prompt and the partial answer apart
             prompt = self.request.get("prompt")
             body = {**body, "prompt": [prompt[0] if isinstance(prompt, list) else prompt, partial.text]}
         gen = open_hosted(hosted, self.route, body, self.rec, continue_final_message=True)
-        try:
-            async with asyncio.timeout(self.route.breaker.first_token_timeout_s):
-                first: Reply = await gen.__anext__()
-                while isinstance(first, ChunkReply) and not first.tokens and first.usage is None:
-                    first = await gen.__anext__()
-        except (asyncio.CancelledError, GeneratorExit):
+        try:  # the same first-output rule as for the pool: role-only chunks wait, errors fail
+            head = await read_head(gen, self.route.breaker.first_token_timeout_s)
+        except AttemptFailed as failure:  # Gemini cannot take it either
             cancel(gen)
-            raise
-        except Exception as err:  # StopAsyncIteration, APIError, timeout: Gemini cannot take it either
-            cancel(gen)
-            logger.info("request %s: continuation on Gemini failed: %s", self.rec.request_id, type(err).__name__)
+            logger.info("request %s: continuation on Gemini failed: %s", self.rec.request_id, failure.reason)
             return None
+        first = head.last
         if not isinstance(first, ChunkReply):
+            cancel(gen)
             return None
         self.d.ledger.set_route(self.rec, "gemini")
         self.rec.upstream_model = model
