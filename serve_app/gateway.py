@@ -18,6 +18,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from serve_app import ray_env
 from serve_app.config import GatewayConfig, GeminiConfig, LiveConfig, RouteConfig, parse_live_config
 from serve_app.dispatch import Dispatcher
 from serve_app.errors import (
@@ -90,6 +91,13 @@ class Gateway:
         configure_request_log()
         self._cfg = GatewayConfig.model_validate(gateway)
         self._handles = pools
+        grpc = ray_env.serve_uses_grpc()
+        self._transport = "grpc" if grpc else "actor calls"
+        self._stream_handles = {
+            (pool, kind): handle.options(stream=True, method_name=kind, _by_reference=not grpc)
+            for pool, handle in pools.items()
+            for kind in ("chat", "completion")
+        }
         self._keys = load_api_keys(self._cfg.api_keys_env)
         if self._keys is None:
             logger.warning(
@@ -195,7 +203,7 @@ class Gateway:
     def _call_pool(
         self, pool: str, kind: str, body: dict[str, Any], alias: str, request_id: str, lora: str | None
     ) -> Any:
-        handle = self._handles[pool].options(stream=True, method_name="chat" if kind == "chat" else "completion")
+        handle = self._stream_handles[(pool, "chat" if kind == "chat" else "completion")]
         return handle.remote(body, alias, request_id, lora) if lora else handle.remote(body, alias, request_id)
 
     def _wake(self, pool: str) -> None:
@@ -336,6 +344,7 @@ class Gateway:
             "config_error": self._config_error,
             "open_requests": self._ledger.open,
             "inflight": self._ledger.inflight(),
+            "transport": self._transport,
         }
 
     @api.post("/v1/chat/completions")

@@ -49,15 +49,19 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(err)
         return 2
+    from serve_app import ray_env
+
+    # Before Ray Serve is imported here (it reads them at import: this process builds the app and its
+    # handles), and inherited by every Ray process of this local cluster: the proxy guard, the fast path.
+    effective = ray_env.apply()
+    transport = "throughput-optimized" if effective["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1" else "Ray defaults"
     import ray
     from ray import serve
 
     from serve_app.app import build_app
 
     logger.info("starting Ray (logical CPUs: %d, metrics port: %d)", args.num_cpus, args.metrics_port)
-    from serve_app.proxy_guard import ENV_VAR, IMPORT_PATH
-
-    os.environ.setdefault(ENV_VAR, IMPORT_PATH)  # the proxy starts in this cluster and inherits it
+    logger.info("Ray Serve transport: %s (serve_app/ray_env.py; an env var you set wins)", transport)
     ray.init(
         num_cpus=args.num_cpus,
         include_dashboard=True,

@@ -7,8 +7,17 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import ray.serve._private.constants  # noqa: F401  (read now, before the environment below: see there)
 
+from serve_app import ray_env
 from tests.support import free_port
+
+# The shipped Ray environment (proxy guard, throughput-optimized transport), as serve-app run and the
+# KubeRay manifests set it, before the session's cluster starts: its processes (controller, proxy, every
+# replica) inherit it, so every integration test runs on the path users get. This test process itself
+# keeps Ray's defaults (its constants were read above): the tests call handles from plain synchronous code,
+# which needs the router on its own loop; the Gateway picks its handles' transport in its own process.
+ray_env.apply()
 
 TEST_KEYS_ENV = "SERVE_APP_TEST_API_KEYS"
 TEST_KEYS = ("sk-test-alpha-123", "sk-test-beta-456")
@@ -26,10 +35,6 @@ def ray_cluster() -> Iterator[dict[str, Any]]:
     # Replica processes inherit the driver's environment: client API keys for the auth tests.
     os.environ[TEST_KEYS_ENV] = ",".join(TEST_KEYS)
     os.environ[GEMINI_TEST_KEY_ENV] = GEMINI_TEST_KEY
-    # The proxy guard (serve_app/proxy_guard.py), as serve-app run and the KubeRay manifests set it.
-    from serve_app.proxy_guard import ENV_VAR, IMPORT_PATH
-
-    os.environ[ENV_VAR] = IMPORT_PATH
     ray.init(
         num_cpus=8,
         include_dashboard=False,

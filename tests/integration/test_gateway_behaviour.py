@@ -98,6 +98,9 @@ def test_admin_pools_reports_load(gw_base: str) -> None:
 
     view = wait_for(pool_view, timeout=10, what="pool load reported")
     assert set(view) >= {"replicas", "waiting", "running", "kv_cache_usage", "saturated", "breaker"}
+    # The shipped Ray environment reached the gateway: its calls to the engines go over gRPC.
+    whole = httpx.get(gw_base.removesuffix("/v1") + "/admin/pools", headers=headers).json()
+    assert whole["transport"] == "grpc"
 
 
 def test_keys_never_logged(gw_base: str, caplog: pytest.LogCaptureFixture) -> None:

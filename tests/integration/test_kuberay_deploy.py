@@ -31,13 +31,23 @@ import openai
 import pytest
 
 from tests.support import free_port, wait_for
-from tests.unit.kuberay_manifests import group, ray_container, serve_config
+from tests.unit.kuberay_manifests import group, pod_templates, ray_container, serve_config
 
 pytestmark = pytest.mark.ray
 
 CLIENT_KEY = "sk-kuberay-test-0123456789"
 GATEWAY_GROUP_RESOURCES = {"gateway": 100}
 APP = "serve_app"
+
+
+def manifest_ray_env(overlay: str) -> dict[str, str]:
+    """The literal RAY_* env values of the overlay's Ray containers (they must agree across pods)."""
+    found: dict[str, str] = {}
+    for name, template in pod_templates(overlay).items():
+        for e in ray_container(template).get("env", []):
+            if e["name"].startswith("RAY_") and "value" in e:
+                assert found.setdefault(e["name"], e["value"]) == e["value"], (name, e)
+    return found
 
 
 class LocalRayHead:
@@ -49,6 +59,7 @@ class LocalRayHead:
         self.dashboard_port = free_port()
         self.token = uuid.uuid4().hex
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        env.update(manifest_ray_env("local-test"))  # proxy guard + Ray fast path, from the pods' env
         env.update(
             RAY_AUTH_MODE="token",
             RAY_AUTH_TOKEN=self.token,
@@ -134,6 +145,25 @@ def deployed(ray_head: LocalRayHead) -> dict[str, Any]:
     app = (ray_head.serve_status() or {}).get("applications", {}).get(APP, {})
     assert status and app.get("status") == "RUNNING", (app.get("message"), app.get("deployments"))
     return {"config": config, "base_url": f"http://127.0.0.1:{http_port}/v1"}
+
+
+def test_serve_runs_the_manifests_fast_path(ray_head: LocalRayHead, deployed: dict[str, Any]) -> None:
+    # The env the pods carry reaches Ray Serve: the Gateway's handles to the engines use gRPC, and the
+    # controller announces the throughput-optimized transport without direct ingress.
+    assert manifest_ray_env("local-test")["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    r = httpx.get(
+        deployed["base_url"].removesuffix("/v1") + "/admin/pools",
+        headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+        timeout=30,
+    )
+    assert r.status_code == 200 and r.json()["transport"] == "grpc", r.text
+    logs = [p for p in Path(ray_head.temp_dir).glob("session_latest/logs/**/*") if p.is_file()]
+    text = "".join(p.read_text(errors="replace") for p in logs if p.suffix in {".log", ".err", ".out"})
+    start = text.find("Throughput optimized Ray Serve enabled")
+    assert start >= 0, "the controller never announced the throughput-optimized transport"
+    announced = text[start : start + 600]
+    assert "gRPC communication enabled" in announced
+    assert "Direct ingress enabled" not in announced
 
 
 def test_dashboard_rejects_a_put_without_the_token(ray_head: LocalRayHead, deployed: dict[str, Any]) -> None:
