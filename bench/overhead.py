@@ -218,7 +218,32 @@ def targets(rows: list[dict[str, Any]], systems: list[str]) -> list[dict[str, An
     return out
 
 
-def markdown(rows: list[dict[str, Any]], systems: list[str], checks: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+def rounds_of(records: list[dict[str, Any]]) -> list[int]:
+    return sorted({int(r["round"]) for r in records})
+
+
+def round_ratios(records: list[dict[str, Any]], systems: list[str]) -> list[list[Any]]:
+    """Output throughput of each non-bare system over bare's, per cell and round."""
+    by = {(r["system"], r["round"], r["input_len"], r["output_len"], r["concurrency"]): r for r in records}
+    cells = sorted({(r["input_len"], r["output_len"], r["concurrency"]) for r in records})
+    out = []
+    for inp, outl, conc in cells:
+        for s in (s for s in systems if s != "bare"):
+            ratios = []
+            for n in rounds_of(records):
+                mine, bare = by.get((s, n, inp, outl, conc)), by.get(("bare", n, inp, outl, conc))
+                ratios.append(_ratio(mine and mine["output_throughput"], bare and bare["output_throughput"]))
+            out.append([f"{inp}→{outl} c={conc}", label(s), *ratios])
+    return out
+
+
+def markdown(
+    rows: list[dict[str, Any]],
+    systems: list[str],
+    checks: list[dict[str, Any]],
+    meta: dict[str, Any],
+    records: list[dict[str, Any]],
+) -> str:
     head = [
         "shape",
         "c",
@@ -256,20 +281,41 @@ def markdown(rows: list[dict[str, Any]], systems: list[str], checks: list[dict[s
             "# Overhead: serve_app vs bare vLLM vs Ray Serve LLM",
             "",
             f"Medians over {meta['rounds']} alternating round(s); `vllm bench serve --backend openai-chat "
-            "--dataset-name random --ignore-eos`, SmolLM2-135M-Instruct {meta.get('dtype', 'bfloat16')}, PyTorch "
+            f"--dataset-name random --ignore-eos`, SmolLM2-135M-Instruct {meta.get('dtype', 'bfloat16')}, PyTorch "
             "rotary embedding (custom_ops all,-rotary_embedding), enforce_eager, max_model_len 2048, "
             f"VLLM_CPU_KVCACHE_SPACE={meta['kv_gib']} for every system; one replica each. Load average before "
             f"each system started: {meta.get('quiet_summary', 'not recorded')}.",
             "",
             md_table(head, body),
             "",
+            "## Throughput vs bare, per round",
+            "",
+            "The medians above mix rounds; the machine drifts between them. Each round's ratio compares "
+            "systems that ran minutes apart in the same round:",
+            "",
+            md_table(["cell", "system", *[f"round {n}" for n in rounds_of(records)]], round_ratios(records, systems)),
+            "",
             "## Targets",
             "",
-            md_table(["cell", "target", "ratio", "result"], check_rows),
+            md_table(["cell", "target", "ratio (TTFT: ms over bare)", "result"], check_rows),
             "",
             machine_md(meta["machine"], meta["command"], meta["notes"]),
         ]
     )
+
+
+def render(run_json: Path, notes: list[str]) -> None:
+    """Rewrite summary.md (and the JSON's notes) from a saved run: the tables, never the measurements."""
+    doc = json.loads(run_json.read_text())
+    doc["notes"] = [*doc.get("notes", []), *notes]
+    records = doc["cells"]
+    systems = list(dict.fromkeys(r["system"] for r in sorted(records, key=lambda r: r["round"])))
+    doc["summary"] = summarize(records, systems)
+    doc["targets"] = targets(doc["summary"], systems) if "bare" in systems else []
+    write_json(run_json, doc)
+    md = markdown(doc["summary"], systems, doc["targets"], doc, records)
+    (run_json.parent / "summary.md").write_text(md + f"\nTotal duration: {doc['duration_s']} s.\n")
+    print(md)
 
 
 def main() -> None:
@@ -288,7 +334,11 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="128x64 at c=1 and 8, one round, a third of the prompts")
     p.add_argument("--out", type=Path, default=RESULTS / "overhead")
     p.add_argument("--note", action="append", default=[], help="a note to record with the results")
+    p.add_argument("--render", type=Path, help="only re-render summary.md next to a saved run JSON (+ --note)")
     args = p.parse_args()
+    if args.render:
+        render(args.render, args.note)
+        return
     if args.quick:
         args.shapes, args.concurrency, args.rounds, args.scale = "128x64", "1,8", 1, 0.34
     ENGINE["dtype"] = args.dtype
@@ -326,7 +376,7 @@ def main() -> None:
     checks = targets(rows, systems) if "bare" in systems else []
     stamp = time.strftime("%Y%m%d-%H%M%S")
     write_json(args.out / f"run-{stamp}.json", {**meta, "cells": records, "summary": rows, "targets": checks})
-    md = markdown(rows, systems, checks, meta)
+    md = markdown(rows, systems, checks, meta, records)
     (args.out / "summary.md").write_text(md + f"\nTotal duration: {meta['duration_s']} s.\n")
     grouped_bars(
         args.out / "throughput.png",

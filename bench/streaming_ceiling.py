@@ -337,7 +337,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument(
         "--fast-paths",
-        default="throughput-optimized",
+        default="ray-defaults",
         help=f"comma list of Ray fast paths to run serve_app with ({', '.join(RAY_FAST_PATHS)}; '' for none)",
     )
     p.add_argument("--batch-interval-ms", type=float, default=5.0, help="one run with this batching (0: skip)")
