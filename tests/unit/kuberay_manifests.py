@@ -23,6 +23,8 @@ KUBERAY = REPO / "kuberay"
 # never read outside the repository root, so they pass from any clone.
 KUBERAY_VERSION = "v1.7.0"
 CRD_DIR = KUBERAY / "crds" / KUBERAY_VERSION
+# Every overlay (a folder with a kustomization.yaml): what the manifest tests parametrize over.
+OVERLAYS = sorted(p.name for p in (KUBERAY / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
 # Every vendored CRD by kind: (file under kuberay/crds, served version). Each folder has a PROVENANCE.txt.
 CRDS = {
     "RayService": (f"{KUBERAY_VERSION}/ray.io_rayservices.yaml", "v1"),

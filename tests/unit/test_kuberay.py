@@ -28,6 +28,7 @@ from tests.unit.kuberay_manifests import (
     CRDS,
     KUBERAY,
     KUBERAY_VERSION,
+    OVERLAYS,
     app_config,
     cluster,
     crd_errors,
@@ -41,7 +42,6 @@ from tests.unit.kuberay_manifests import (
     serve_config,
 )
 
-OVERLAYS = sorted(p.name for p in (KUBERAY / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
 GPU_OVERLAYS = {
     "gke-l4": "nvidia-l4",
     "gke-l4-pvc": "nvidia-l4",

@@ -23,7 +23,7 @@ from packaging.version import Version
 
 from serve_app.app import build_app, pool_deployment_options
 from tests.unit.kuberay_manifests import (
-    KUBERAY,
+    OVERLAYS,
     app_config,
     cluster,
     crd_errors,
@@ -35,7 +35,6 @@ from tests.unit.kuberay_manifests import (
     serve_config,
 )
 
-OVERLAYS = sorted(p.name for p in (KUBERAY / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
 SERVE_PORT, METRICS_PORT, DASHBOARD_PORT = 8000, 8080, 8265
 
 

@@ -18,10 +18,7 @@ from ray.serve.schema import ServeDeploySchema
 from bench.systems import fast_path_env
 from serve_app import ray_env
 from serve_app.cli import main
-from tests.unit.kuberay_manifests import KUBERAY, pod_templates, ray_container
-
-OVERLAYS = sorted(p.name for p in (KUBERAY / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
-REPO = KUBERAY.parent
+from tests.unit.kuberay_manifests import OVERLAYS, REPO, pod_templates, ray_container
 
 
 def test_shipped_environment_is_the_throughput_optimized_transport_on_the_proxy_port() -> None:
